@@ -95,8 +95,10 @@ def _project(layer: nn.Linear, x: Tensor) -> Tensor:
 
 
 def _logits(hidden: Tensor, weight: Tensor) -> Tensor:
-    """Vocabulary product in the weight's precision, returned in float32."""
-    return (hidden.to(weight.dtype) @ weight.T).float()
+    """Vocabulary product in the weight's precision (fp16 is widened: its logits overflow),
+    returned in float32."""
+    dtype = torch.float32 if weight.dtype == torch.float16 else weight.dtype
+    return (hidden.to(dtype) @ weight.to(dtype).T).float()
 
 
 def _student_space_chunk(

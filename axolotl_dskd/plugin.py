@@ -1,0 +1,134 @@
+"""The Axolotl plugin: ``plugins: [axolotl_dskd.DSKDPlugin]`` (or the bare ``axolotl_dskd``).
+
+Every hook is a no-op unless ``dskd_teacher`` is set. The teacher is loaded once the trainer
+exists (model-loading hooks also fire for merge-lora and inference, which need no teacher).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from axolotl.integrations.base import BasePlugin
+from transformers import AutoConfig, AutoTokenizer
+
+from axolotl_dskd.loss import DSKDLossConfig, Projectors
+from axolotl_dskd.models import causal_lm
+from axolotl_dskd.projector_io import load_projectors
+from axolotl_dskd.teacher import context_length, load_teacher
+
+LOG = logging.getLogger(__name__)
+
+
+def teacher_dtype(cfg: Any) -> torch.dtype:
+    """``dskd_teacher_dtype``; ``auto`` follows the training precision."""
+    if cfg.dskd_teacher_dtype != "auto":
+        return getattr(torch, cfg.dskd_teacher_dtype)
+    if cfg.bf16 is True or (cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if cfg.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def loss_config(cfg: Any) -> DSKDLossConfig:
+    return DSKDLossConfig(
+        kd_rate=cfg.dskd_kd_rate,
+        temperature=cfg.dskd_temperature,
+        divergence=cfg.dskd_divergence,
+        teacher_space_divergence=cfg.dskd_teacher_space_divergence,
+        skew_lambda=cfg.dskd_skew_lambda,
+        akl_alpha=cfg.dskd_akl_alpha,
+        cross_tokenizer=bool(cfg.dskd_cross_tokenizer),
+        chunk_size=cfg.dskd_chunk_size,
+        compile=cfg.dskd_compile,
+    )
+
+
+def _teacher_tokenizer(cfg: Any):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(
+        cfg.dskd_teacher_tokenizer or cfg.dskd_teacher,
+        trust_remote_code=cfg.dskd_teacher_trust_remote_code,
+    )
+
+
+class DSKDPlugin(BasePlugin):
+    """Dual-Space Knowledge Distillation from a (4/8-bit) teacher, across tokenizers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trainer: Any = None
+
+    def get_input_args(self) -> str:
+        return "axolotl_dskd.args.DSKDArgs"
+
+    def get_trainer_cls(self, cfg: Any) -> type | None:
+        if not cfg.dskd_teacher:
+            return None
+        if cfg.rl:
+            raise ValueError(
+                f"dskd_teacher is set in an RL run (rl: {cfg.rl}); DSKD distills during "
+                "supervised fine-tuning only. Remove dskd_teacher or rl."
+            )
+        from axolotl_dskd.trainer import DSKDTrainer
+
+        return DSKDTrainer
+
+    def get_collator_cls_and_kwargs(self, cfg: Any, is_eval: bool = False):  # type: ignore[no-untyped-def]
+        if not cfg.dskd_teacher or not cfg.dskd_cross_tokenizer or cfg.rl:
+            return None
+        from axolotl.loaders import load_tokenizer
+
+        from axolotl_dskd.collator import collator_class
+        from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+
+        teacher_tokenizer = _teacher_tokenizer(cfg)
+        builder = TeacherTokenBuilder(
+            load_tokenizer(cfg),
+            teacher_tokenizer,
+            max_length=teacher_max_length(cfg),
+        )
+        return collator_class(cfg, is_eval), {"teacher_tokens": builder}
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        from axolotl_dskd.trainer import DSKDTrainer
+
+        if not cfg.dskd_teacher or not isinstance(trainer, DSKDTrainer):
+            return
+        config = loss_config(cfg)
+        LOG.info(
+            "DSKD: %s (teacher %s)",
+            "cross-tokenizer, cross-model attention (CMA)" if config.cross_tokenizer else "same vocabulary",
+            cfg.dskd_teacher,
+        )
+        teacher = load_teacher(
+            cfg.dskd_teacher,
+            device=trainer.args.device,
+            dtype=teacher_dtype(cfg),
+            load_in_4bit=cfg.dskd_teacher_load_in_4bit,
+            load_in_8bit=cfg.dskd_teacher_load_in_8bit,
+            adapter=cfg.dskd_teacher_adapter,
+            trust_remote_code=cfg.dskd_teacher_trust_remote_code,
+        )
+        projectors = Projectors(
+            causal_lm(trainer.model).config.get_text_config().hidden_size,
+            teacher.config.get_text_config().hidden_size,
+            cross_tokenizer=config.cross_tokenizer,
+        )
+        if cfg.dskd_projectors:
+            load_projectors(projectors, cfg.dskd_projectors, key="dskd_projectors")
+            LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
+        trainer.attach_teacher(teacher, projectors, config, cfg.dskd_projector_lr)
+        self._trainer = trainer
+
+    def post_train(self, cfg: Any, model: Any) -> None:
+        if self._trainer is not None:
+            self._trainer.save_projectors(cfg.output_dir)
+
+
+def teacher_max_length(cfg: Any) -> int:
+    config = AutoConfig.from_pretrained(
+        cfg.dskd_teacher, trust_remote_code=cfg.dskd_teacher_trust_remote_code
+    )
+    return context_length(config.get_text_config()) or cfg.sequence_len

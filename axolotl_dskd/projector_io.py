@@ -1,0 +1,69 @@
+"""Saving and loading the trained projectors: safetensors only, written atomically.
+
+A checkpoint folder or ``output_dir`` holds ``dskd_projectors.safetensors`` and a small JSON
+of the shapes and the loss config, enough to warm-start a new run with ``dskd_projectors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "dskd_projectors.safetensors"
+META_NAME = "dskd_projectors.json"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a crash never leaves a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_projectors(projectors: nn.Module, directory: str | os.PathLike, meta: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in projectors.state_dict().items()}
+    weights = directory / WEIGHTS_NAME
+    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    shapes = {k: list(v.shape) for k, v in tensors.items()}
+    body = json.dumps({"shapes": shapes, **meta}, indent=2, sort_keys=True, default=str)
+    _atomic_write(directory / META_NAME, lambda tmp: Path(tmp).write_text(body))
+    return weights
+
+
+def projectors_file(path: str | os.PathLike) -> Path:
+    """The weights file for ``path``, which may name the file or a folder holding it."""
+    path = Path(path)
+    return path / WEIGHTS_NAME if path.is_dir() else path
+
+
+def load_projectors(projectors: nn.Module, path: str | os.PathLike, key: str) -> None:
+    """Copy saved weights into ``projectors``; refuse a file that does not fit, naming ``key``."""
+    file = projectors_file(path)
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{key}: {str(file)!r} is not a .safetensors file; projectors are only read as safetensors")
+    if not file.is_file():
+        raise ValueError(f"{key}: no projector file at {str(file)!r}")
+    saved = load_file(file)
+    expected = {k: tuple(v.shape) for k, v in projectors.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in saved.items()}
+    if expected != found:
+        raise ValueError(
+            f"{key}: the projectors in {str(file)!r} have shapes {found}, but this student/teacher "
+            f"pair needs {expected}. Point {key} at projectors trained for the same pair."
+        )
+    projectors.load_state_dict(saved)

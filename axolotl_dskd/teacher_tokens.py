@@ -1,0 +1,469 @@
+"""The teacher's own tokens of a batch the student tokenizer produced (cross-tokenizer DSKD).
+
+Axolotl tokenizes the data with the student tokenizer. Cross-model attention needs the teacher's
+tokenization of the same text, with the same trained / untrained marking, so this module rebuilds
+it per (packed) sample: split the student tokens into maximal runs of trained and untrained
+positions, decode each run to text *in context*, encode it with the teacher tokenizer, and
+concatenate (see "Two tokenizations of one text" in the DSKD spec).
+
+The hard parts are all about decoding text losslessly:
+
+- A run is decoded as ``decode(ids[p:end])`` minus ``decode(ids[p:start])`` with ``p`` the start
+  of the previous piece, never on its own: a sentencepiece decoder strips the leading space of
+  whatever it decodes, so a run decoded alone loses the space it begins with.
+- A multi-byte UTF-8 character can be split over several byte tokens (byte-level BPE, byte
+  fallback). A run boundary inside such a character would make both sides U+FFFD garbage; the
+  boundary is moved forward (else backward) to the nearest character boundary.
+- A sentencepiece-style teacher prepends ``▁`` to every text it encodes. That is right at the
+  start of a sample and wrong anywhere else, so later runs are encoded behind a sentinel
+  (``"\\n" + text``) whose tokens are then removed. At the start, a text that begins with a space
+  gets one more (such a teacher does not prepend ``▁`` there but its decoder strips one).
+- Every run is checked: its student text against the teacher's decode of its tokens, in context.
+  ``stats`` counts the runs and the mismatches.
+
+Special tokens: the student's BOS and pad are not text (dropped); the teacher gets its own BOS
+(whatever prefix ``teacher_tokenizer("a")`` adds) at each sample start, untrained. The student's
+EOS becomes the teacher's EOS, trained iff the student's was. Every other student token, chat
+markers included, is text and the teacher encodes it as whatever it is for the teacher.
+
+Limits (inherent to the tokenizers, not fixable here): text the *student* tokenizer already lost
+is not recovered (a sentencepiece student drops a space at the very start of a sample, reads
+``▁`` as a space, turns unknown characters into ``<unk>`` without byte fallback, and encodes a
+literal ``<s>`` / ``</s>`` in the data as its special tokens); a sentencepiece teacher cannot
+represent a literal ``▁`` (counted as a mismatch). Around run boundaries the teacher's tokens can
+differ from its tokenization of the whole text, since each run is encoded on its own.
+Teacher labels mirror the student's marking exactly: as on the student side, a trained first
+token of a packed sample is a target of the previous sample's last position, which the loss must
+mask with the segment ids if the data has such samples.
+
+Framework-free: torch and a Hugging Face tokenizer only, picklable for DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+__all__ = ["IGNORE_INDEX", "RoundTripStats", "TeacherTokenBuilder", "sample_segments"]
+
+IGNORE_INDEX = -100
+_REPLACEMENT = "\ufffd"
+# Texts put in front of a run so that a sentencepiece-style teacher does not prepend "▁" to it;
+# the first whose tokens stay a separate prefix of the encoding is used.
+_SENTINELS = ("\n", "§", "¶", "#", "a", "0")
+_MAX_EXAMPLES = 8
+
+_TEXT, _EOS = 0, 1
+
+
+@dataclass
+class RoundTripStats:
+    """Counters over everything a builder has processed (per process: each DataLoader worker
+    holds its own copy). ``mismatched_runs`` should stay 0: a non-zero value means the teacher
+    saw text other than the student's, and ``examples`` shows the first few cases."""
+
+    samples: int = 0
+    runs: int = 0
+    mismatched_runs: int = 0
+    truncated_samples: int = 0
+    samples_without_trained: int = 0
+    moved_boundaries: int = 0
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        """Counts only, for logging."""
+        d = asdict(self)
+        d.pop("examples")
+        return d
+
+    def merge(self, other: RoundTripStats) -> None:
+        """Add another worker's counts to these."""
+        for name, value in other.as_dict().items():
+            setattr(self, name, getattr(self, name) + value)
+        self.examples = (self.examples + other.examples)[:_MAX_EXAMPLES]
+
+    def reset(self) -> None:
+        for name in self.as_dict():
+            setattr(self, name, 0)
+        self.examples = []
+
+
+@dataclass
+class _Piece:
+    """A stretch of one student sample's kept tokens ``[start, end)``: text of one trainedness, or
+    one EOS."""
+
+    kind: int
+    start: int
+    end: int
+    trained: bool
+    text: str = ""
+
+
+def sample_segments(attention_mask: Sequence[int], position_ids: Sequence[int] | None) -> list[int]:
+    """Packed-sample index of each position of one row, -1 for padding (attention mask 0).
+
+    A new sample starts where ``position_ids`` restarts (is 0, or does not increase); without
+    ``position_ids`` the whole row is one sample.
+    """
+    segments: list[int] = []
+    current, previous = -1, None
+    for i, mask in enumerate(attention_mask):
+        if not mask:
+            segments.append(-1)
+            continue
+        if position_ids is None:
+            current = 0
+        else:
+            pos = int(position_ids[i])
+            if current < 0 or pos == 0 or (previous is not None and pos <= previous):
+                current += 1
+            previous = pos
+        segments.append(current)
+    return segments
+
+
+def _is_plain_fast(tokenizer: Any) -> bool:
+    """Whether the tokenizer is a Rust-backed fast tokenizer whose encode / decode transformers
+    does not customise, so that calling the Rust tokenizer directly gives the same ids and text."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:  # pragma: no cover
+        return False
+    cls = type(tokenizer)
+    return (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and getattr(tokenizer, "backend_tokenizer", None) is not None
+        and not getattr(tokenizer, "split_special_tokens", False)
+        and all(
+            getattr(cls, name, None) is getattr(PreTrainedTokenizerFast, name, None)
+            for name in ("decode", "_decode", "encode", "_encode_plus", "tokenize")
+        )
+    )
+
+
+class TeacherTokenBuilder:
+    """Rebuilds the teacher's tokens and labels for batches tokenized by the student tokenizer."""
+
+    def __init__(
+        self,
+        student_tokenizer: Any,
+        teacher_tokenizer: Any,
+        max_length: int,
+        pad_to_multiple_of: int | None = None,
+        check_round_trip: bool = True,
+    ) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.max_length = int(max_length)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.check_round_trip = check_round_trip
+        self.stats = RoundTripStats()
+
+        self._s_bos = student_tokenizer.bos_token_id
+        self._s_eos = student_tokenizer.eos_token_id
+        self._s_pad = student_tokenizer.pad_token_id
+        self._t_eos = teacher_tokenizer.eos_token_id
+        pad = teacher_tokenizer.pad_token_id
+        self.teacher_pad_id: int = pad if pad is not None else (self._t_eos if self._t_eos is not None else 0)
+        self._s_fast = _is_plain_fast(student_tokenizer)
+        self._t_fast = _is_plain_fast(teacher_tokenizer)
+        self._s_ctx = list(student_tokenizer.encode("a", add_special_tokens=False))
+        self._t_prefix = self._teacher_prefix()
+        self._invents_space = self._teacher_invents_space()
+        self._sentinels = [(s, self._t_encode(s)) for s in _SENTINELS]
+        self._sentinels = [(s, ids, self._t_decode(ids)) for s, ids in self._sentinels if ids]
+
+    # -- tokenizer access ------------------------------------------------------------------------
+    # A run costs a few decodes and one encode. Through transformers each call first walks the id
+    # list in Python (to_py_obj); for a plain fast tokenizer the Rust tokenizer gives the same
+    # result directly, several times faster.
+
+    @staticmethod
+    def _decode(tokenizer: Any, fast: bool, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        if fast:
+            return tokenizer.backend_tokenizer.decode(ids, skip_special_tokens=False)
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _s_decode(self, ids: list[int]) -> str:
+        return self._decode(self.student_tokenizer, self._s_fast, ids)
+
+    def _t_decode(self, ids: list[int]) -> str:
+        return self._decode(self.teacher_tokenizer, self._t_fast, ids)
+
+    def _t_encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        if self._t_fast:
+            return self.teacher_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        return list(self.teacher_tokenizer.encode(text, add_special_tokens=False))
+
+    def _teacher_prefix(self) -> list[int]:
+        """The tokens the teacher puts in front of a text by default (its BOS, or nothing)."""
+        tok = self.teacher_tokenizer
+        with_special = list(tok("a")["input_ids"])
+        plain = self._t_encode("a")
+        for k in range(len(with_special) - len(plain) + 1):
+            if with_special[k : k + len(plain)] == plain:
+                return with_special[:k]
+        bos = tok.bos_token_id
+        return [bos] if bos is not None and with_special[:1] == [bos] else []
+
+    def _teacher_invents_space(self) -> bool:
+        """Whether texts encoded one after the other decode with a space between them ("▁b▁a")."""
+        return self._t_decode(self._t_encode("b") + self._t_encode("a")) != "ba"
+
+    # -- one sample -------------------------------------------------------------------------------
+
+    def sample(self, input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Teacher ids and teacher labels (-100 untrained) for one unpacked sample without
+        padding, truncated to ``max_length`` as in a batch."""
+        ids, labs, _, _ = self._row(list(input_ids), list(labels), [0] * len(input_ids))
+        return ids, labs
+
+    def _sample(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """Teacher ids and labels of one sample, not truncated."""
+        self.stats.samples += 1
+        kept, pieces = self._pieces(ids, labels)
+        self._fix_boundaries(kept, pieces)
+        self._fill_texts(kept, pieces)
+
+        t_ids: list[int] = list(self._t_prefix)
+        t_labels: list[int] = [IGNORE_INDEX] * len(t_ids)
+        spans: list[tuple[int, int]] = []
+        for piece in pieces:
+            if piece.kind == _EOS:
+                new = [self._t_eos] if self._t_eos is not None else []
+            else:
+                new = self._encode_run(piece.text, at_start=len(t_ids) == len(self._t_prefix))
+            spans.append((len(t_ids), len(t_ids) + len(new)))
+            t_ids.extend(new)
+            t_labels.extend(new if piece.trained else [IGNORE_INDEX] * len(new))
+        if self.check_round_trip:
+            self._check(pieces, spans, t_ids)
+        return t_ids, t_labels
+
+    def _pieces(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[_Piece]]:
+        """Drop BOS / pad, make EOS its own piece, and group the rest into maximal runs."""
+        kept: list[int] = []
+        pieces: list[_Piece] = []
+        for i, (tid, lab) in enumerate(zip(ids, labels)):
+            trained = lab != IGNORE_INDEX
+            if tid == self._s_bos and (i == 0 or tid != self._s_eos):
+                continue
+            if tid == self._s_eos:
+                kind = _EOS
+            elif tid == self._s_pad:
+                continue
+            else:
+                kind = _TEXT
+            n = len(kept)
+            kept.append(tid)
+            last = pieces[-1] if pieces else None
+            if kind == _TEXT and last is not None and last.kind == _TEXT and last.trained == trained:
+                last.end = n + 1
+            else:
+                pieces.append(_Piece(kind, n, n + 1, trained))
+        return kept, pieces
+
+    def _fix_boundaries(self, kept: list[int], pieces: list[_Piece]) -> None:
+        """Move each boundary between two text runs off the inside of a multi-byte character."""
+        i = 1
+        while i < len(pieces):
+            left, right = pieces[i - 1], pieces[i]
+            if left.kind != _TEXT or right.kind != _TEXT or self._clean(kept, left.start, right.start):
+                i += 1
+                continue
+            self.stats.moved_boundaries += 1
+            candidates = [*range(right.start + 1, right.end), *range(right.start - 1, left.start, -1)]
+            cut = next((c for c in candidates if self._clean(kept, left.start, c)), None)
+            if cut is None:  # no character boundary between the two runs' starts and ends: merge
+                left.end = right.end
+                del pieces[i]
+                if i < len(pieces) and pieces[i].kind == _TEXT and pieces[i].trained == left.trained:
+                    left.end = pieces[i].end
+                    del pieces[i]
+                continue
+            left.end = right.start = cut
+            i += 1
+
+    def _clean(self, kept: list[int], start: int, cut: int) -> bool:
+        """Whether ``cut`` falls between characters, given that ``start`` does.
+
+        Decoding stops mid-character only with a trailing U+FFFD. Then (rare) the cut is between
+        characters iff the two sides, decoded apart, add up to the whole: a real U+FFFD does, the
+        bytes of a split character turn into extra U+FFFDs on the right side. The right side is
+        decoded behind a plain-text token, so that a decoder's leading-space strip is harmless.
+        """
+        left = self._s_decode(kept[start:cut])
+        if not left.endswith(_REPLACEMENT):
+            return True
+        end = cut
+        while end < len(kept) and kept[end] != self._s_eos:
+            end += 1
+        ctx_text = self._s_decode(self._s_ctx)
+        right = self._s_decode(self._s_ctx + kept[cut:end])
+        if not right.startswith(ctx_text):
+            return False
+        return self._s_decode(kept[start:end]) == left + right[len(ctx_text) :]
+
+    def _fill_texts(self, kept: list[int], pieces: list[_Piece]) -> None:
+        """Each text run's text, decoded in the context of the piece before it."""
+        for k, piece in enumerate(pieces):
+            if piece.kind != _TEXT:
+                continue
+            context = pieces[k - 1].start if k > 0 else piece.start
+            piece.text = self._in_context(self._s_decode, kept, 0, context, piece.start, piece.end)
+
+    @staticmethod
+    def _in_context(decode: Any, ids: list[int], base: int, context: int, start: int, end: int) -> str:
+        """Text of ``ids[start:end]`` as it reads after ``ids[context:start]`` (``base``: where
+        the sample's text starts)."""
+        if context == start:
+            return decode(ids[start:end])
+        before = decode(ids[context:start])
+        both = decode(ids[context:end])
+        if both.startswith(before):
+            return both[len(before) :]
+        # Not expected past _fix_boundaries; fall back to the whole prefix, then to the run alone.
+        before = decode(ids[base:start])
+        both = decode(ids[base:end])
+        return both[len(before) :] if both.startswith(before) else decode(ids[start:end])
+
+    def _encode_run(self, text: str, at_start: bool) -> list[int]:
+        """Teacher tokens of one run, without a leading space the text does not have.
+
+        At a sample start the teacher's own encoding is the natural one (``▁Hello`` for a
+        sentencepiece teacher, whose decoder strips that space again). But such a teacher does not
+        prepend ``▁`` to a text that starts with a space, and its decoder still strips one, so a
+        leading space would be lost: then the text is encoded with one more space in front.
+        """
+        if not text:
+            return []
+        if not self._invents_space:
+            return self._t_encode(text)
+        if not at_start:
+            return self._behind_sentinel(text)
+        ids = self._t_encode(text)
+        if self._t_decode(ids) == text:
+            return ids
+        for candidate in (self._behind_sentinel(text), self._behind_sentinel(" " + text)):
+            if self._t_decode(candidate) == text:
+                return candidate
+        return ids
+
+    def _behind_sentinel(self, text: str) -> list[int]:
+        """Tokens of ``text`` as the teacher encodes it after other text: no ``▁`` prepended."""
+        fallback: list[int] | None = None
+        for sentinel, prefix, prefix_text in self._sentinels:
+            ids = self._t_encode(sentinel + text)
+            if ids[: len(prefix)] != prefix:
+                continue
+            rest = ids[len(prefix) :]
+            if self._t_decode(ids) == prefix_text + text:
+                return rest
+            fallback = fallback if fallback is not None else rest
+        return fallback if fallback is not None else self._t_encode(text)
+
+    def _check(self, pieces: list[_Piece], spans: list[tuple[int, int]], t_ids: list[int]) -> None:
+        """Compare each run's student text with the teacher's decode of its tokens, in context."""
+        base = context = len(self._t_prefix)
+        for piece, (start, end) in zip(pieces, spans):
+            if piece.kind == _TEXT:
+                self.stats.runs += 1
+                text = self._in_context(self._t_decode, t_ids, base, min(context, start), start, end)
+                if text != piece.text:
+                    self.stats.mismatched_runs += 1
+                    if len(self.stats.examples) < _MAX_EXAMPLES:
+                        self.stats.examples.append((piece.text, text))
+            if end > start:
+                context = start
+
+    # -- a batch ------------------------------------------------------------------------------------
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_labels``,
+        ``teacher_position_ids`` ``[B, Lt]``, ``student_segment_ids`` ``[B, L]`` and
+        ``teacher_segment_ids`` ``[B, Lt]`` (packed-sample index per position, -1 on padding).
+
+        Only the new keys are returned; merge them into the batch.
+        """
+        input_ids = torch.as_tensor(batch["input_ids"])
+        device = input_ids.device
+        ids_rows = input_ids.tolist()
+        label_rows = torch.as_tensor(batch["labels"]).tolist()
+        mask = batch.get("attention_mask")
+        mask_rows = torch.as_tensor(mask).tolist() if mask is not None else [[1] * len(r) for r in ids_rows]
+        pos = batch.get("position_ids")
+        pos_rows = torch.as_tensor(pos).tolist() if pos is not None else [None] * len(ids_rows)
+
+        student_segments: list[list[int]] = []
+        rows: list[tuple[list[int], list[int], list[int], list[int]]] = []
+        for ids, labels, mask_row, pos_row in zip(ids_rows, label_rows, mask_rows, pos_rows):
+            segments = sample_segments(mask_row, pos_row)
+            student_segments.append(segments)
+            rows.append(self._row(ids, labels, segments))
+
+        width = max([len(r[0]) for r in rows] + [1])
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out_ids, out_labels, out_mask, out_pos, out_seg = [], [], [], [], []
+        for t_ids, t_labels, t_pos, t_seg in rows:
+            n_pad = width - len(t_ids)
+            next_pos = t_pos[-1] + 1 if t_pos else 0
+            out_ids.append(t_ids + [self.teacher_pad_id] * n_pad)
+            out_labels.append(t_labels + [IGNORE_INDEX] * n_pad)
+            out_mask.append([1] * len(t_ids) + [0] * n_pad)
+            out_pos.append(t_pos + [min(next_pos + k, self.max_length - 1) for k in range(n_pad)])
+            out_seg.append(t_seg + [-1] * n_pad)
+
+        def tensor(x: list[list[int]]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        return {
+            "teacher_input_ids": tensor(out_ids),
+            "teacher_attention_mask": tensor(out_mask),
+            "teacher_labels": tensor(out_labels),
+            "teacher_position_ids": tensor(out_pos),
+            "student_segment_ids": tensor(student_segments),
+            "teacher_segment_ids": tensor(out_seg),
+        }
+
+    def _row(
+        self, ids: list[int], labels: list[int], segments: list[int]
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Teacher ids, labels, positions and segments of one (packed) row, truncated."""
+        samples: dict[int, tuple[list[int], list[int]]] = {}
+        for tid, lab, seg in zip(ids, labels, segments):
+            if seg >= 0:
+                sample = samples.setdefault(seg, ([], []))
+                sample[0].append(tid)
+                sample[1].append(lab)
+        t_ids: list[int] = []
+        t_labels: list[int] = []
+        t_pos: list[int] = []
+        t_seg: list[int] = []
+        for seg in sorted(samples):
+            room = max(self.max_length - len(t_ids), 0)
+            if room == 0:  # nothing of it fits: skip the work
+                self.stats.samples += 1
+                self.stats.truncated_samples += 1
+                self.stats.samples_without_trained += 1
+                continue
+            s_ids, s_labels = self._sample(*samples[seg])
+            if len(s_ids) > room:
+                self.stats.truncated_samples += 1
+                s_ids, s_labels = s_ids[:room], s_labels[:room]
+            if all(lab == IGNORE_INDEX for lab in s_labels):
+                self.stats.samples_without_trained += 1
+            t_ids += s_ids
+            t_labels += s_labels
+            t_pos += range(len(s_ids))
+            t_seg += [seg] * len(s_ids)
+        return t_ids, t_labels, t_pos, t_seg

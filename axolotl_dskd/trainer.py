@@ -1,0 +1,166 @@
+"""The Axolotl trainer that distills: student and teacher forwards, the DSKD loss, projectors.
+
+The projectors live beside the model, not in it, so the student's saved weights stay a plain
+model; they get their own optimizer group (``dskd_projector_lr``, same schedule) and are saved
+into every checkpoint and restored on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from axolotl.core.trainers.base import AxolotlTrainer
+from torch import Tensor, nn
+from typing_extensions import override
+
+from axolotl_dskd.loss import METRIC_NAMES, DSKDLossConfig, Projectors, dskd_loss
+from axolotl_dskd.models import (
+    final_hidden_states,
+    input_embedding_weight,
+    lm_head_weight,
+    teacher_hidden_states,
+)
+from axolotl_dskd.projector_io import load_projectors, projectors_file, save_projectors
+
+LOG = logging.getLogger(__name__)
+
+TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_position_ids")
+SEGMENT_KEYS = ("student_segment_ids", "teacher_segment_ids")
+
+
+class DSKDTrainer(AxolotlTrainer):
+    """AxolotlTrainer whose loss is DSKD against a frozen teacher (see ``attach_teacher``)."""
+
+    teacher: nn.Module | None = None
+    projectors: Projectors | None = None
+    loss_config: DSKDLossConfig | None = None
+    projector_lr: float = 1e-3
+
+    def attach_teacher(
+        self,
+        teacher: nn.Module,
+        projectors: Projectors,
+        loss_config: DSKDLossConfig,
+        projector_lr: float,
+    ) -> None:
+        """Distill from ``teacher`` from now on; called once, before training starts."""
+        self.teacher = teacher
+        self.projectors = projectors.to(self.args.device)
+        self.loss_config = loss_config
+        self.projector_lr = projector_lr
+        # the loss is a sum over tokens divided by the trainer's global token count
+        self.model_accepts_loss_kwargs = True
+
+    @override
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.projectors is not None:
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            params = [p for p in self.projectors.parameters() if id(p) not in known]
+            if params:
+                optimizer.add_param_group(
+                    {"params": params, "lr": self.projector_lr, "weight_decay": self.args.weight_decay}
+                )
+        return optimizer
+
+    @override
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ):
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        teacher_inputs = {k: inputs.pop(k) for k in TEACHER_KEYS if k in inputs}
+        segments = {k: inputs.pop(k) for k in SEGMENT_KEYS if k in inputs}
+        labels = inputs.pop("labels")
+        inputs.pop("num_items_in_batch", None)
+
+        student_hidden = final_hidden_states(model, **inputs)
+        cross = self.loss_config.cross_tokenizer
+        if cross:
+            teacher_forward = {
+                "input_ids": teacher_inputs["teacher_input_ids"],
+                "attention_mask": teacher_inputs["teacher_attention_mask"],
+                "position_ids": teacher_inputs["teacher_position_ids"],
+            }
+        else:
+            teacher_forward = {
+                k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
+            }
+        if self._packed():
+            # packed rows: the teacher separates samples by restarting position_ids
+            teacher_forward.pop("attention_mask", None)
+        teacher_hidden = teacher_hidden_states(self.teacher, **teacher_forward)
+
+        out = dskd_loss(
+            self.projectors,
+            student_hidden=student_hidden,
+            student_lm_head=lm_head_weight(model),
+            student_labels=labels,
+            teacher_hidden=teacher_hidden,
+            teacher_lm_head=lm_head_weight(self.teacher),
+            teacher_labels=teacher_inputs["teacher_labels"] if cross else labels,
+            student_input_ids=inputs["input_ids"] if cross else None,
+            teacher_input_ids=teacher_inputs["teacher_input_ids"] if cross else None,
+            student_embeddings=input_embedding_weight(model) if cross else None,
+            teacher_embeddings=input_embedding_weight(self.teacher) if cross else None,
+            config=self.loss_config,
+            num_items=num_items_in_batch,
+            **segments,
+        )
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        self._store_dskd_metrics(out.metrics, num_items_in_batch, labels)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _packed(self) -> bool:
+        if self.model.training:
+            return bool(self.args.sample_packing)
+        return bool(getattr(self.args, "eval_sample_packing", False))
+
+    def _store_dskd_metrics(
+        self, metrics: dict[str, Tensor], num_items: Tensor | int | None, labels: Tensor
+    ) -> None:
+        # metrics are divided by the global token count: rescale to a per-micro-batch mean
+        local = (labels[:, 1:] != -100).sum().clamp_min(1)
+        scale = 1.0 if num_items is None else float(num_items) / float(local)
+        prefix = "dskd/" if self.model.training else "eval_dskd/"
+        values = {
+            f"{prefix}{name}": float(metrics[name]) * (1.0 if name == "t2s_acc" else scale)
+            for name in METRIC_NAMES
+        }
+        self.store_metrics(values, train_eval="train" if self.model.training else "eval")
+
+    def projector_metadata(self) -> dict[str, Any]:
+        return {"loss_config": asdict(self.loss_config), "global_step": self.state.global_step}
+
+    def save_projectors(self, output_dir: str | os.PathLike) -> None:
+        if self.projectors is not None and self.args.should_save:
+            path = save_projectors(self.projectors, output_dir, self.projector_metadata())
+            LOG.info("DSKD projectors saved to %s", path)
+
+    @override
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        self.save_projectors(output_dir or self.args.output_dir)
+
+    @override
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.projectors is not None:
+            if not projectors_file(resume_from_checkpoint).is_file():
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint: {resume_from_checkpoint} has no DSKD projectors "
+                    "(dskd_projectors.safetensors); it was not written by a DSKD run."
+                )
+            load_projectors(self.projectors, resume_from_checkpoint, key="resume_from_checkpoint")
+            LOG.info("DSKD projectors restored from %s", resume_from_checkpoint)

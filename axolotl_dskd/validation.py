@@ -1,0 +1,49 @@
+"""Config checks that need the teacher's config and tokenizer (no weights).
+
+Runs inside Axolotl's config validation, so a bad teacher stops the run before datasets are
+prepared or any model loads, with a message naming the YAML key.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from axolotl_dskd.teacher import inspect_teacher, require_bitsandbytes
+
+LOG = logging.getLogger(__name__)
+
+
+def check_teacher_setup(cfg: Any) -> None:
+    """Validate the teacher against the student and resolve ``dskd_cross_tokenizer``."""
+    if cfg.dskd_teacher_load_in_4bit:
+        require_bitsandbytes("dskd_teacher_load_in_4bit")
+    if cfg.dskd_teacher_load_in_8bit:
+        require_bitsandbytes("dskd_teacher_load_in_8bit")
+    student_tokenizer = AutoTokenizer.from_pretrained(
+        getattr(cfg, "tokenizer_config", None) or cfg.base_model,
+        trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)),
+    )
+    info = inspect_teacher(
+        cfg.dskd_teacher,
+        tokenizer=cfg.dskd_teacher_tokenizer,
+        student_tokenizer=student_tokenizer,
+        trust_remote_code=cfg.dskd_teacher_trust_remote_code,
+    )
+    if cfg.dskd_cross_tokenizer is False and not info.same_vocabulary:
+        raise ValueError(
+            "dskd_cross_tokenizer: false, but the teacher and student tokenizers have different "
+            "vocabularies (their token-to-id maps differ). Set dskd_cross_tokenizer: auto (or true) "
+            "to distill through cross-model attention, or use a teacher with the student's tokenizer."
+        )
+    if cfg.dskd_cross_tokenizer == "auto":
+        cfg.dskd_cross_tokenizer = not info.same_vocabulary
+    sequence_len = getattr(cfg, "sequence_len", None)
+    if info.max_length is not None and sequence_len and info.max_length < sequence_len:
+        raise ValueError(
+            f"dskd_teacher: the teacher's context is {info.max_length} tokens, shorter than "
+            f"sequence_len: {sequence_len}. Lower sequence_len to at most {info.max_length} "
+            "or choose a teacher with a longer context."
+        )

@@ -1,0 +1,286 @@
+"""An independent, plain float64 transcription of the DSKD loss contract (shared/dskd-spec.md).
+
+This file is written from the specification text alone and is deliberately naive: no chunking,
+full-vocabulary logits for the whole batch, every step in the order the spec states it, in
+float64. It is the yardstick that ``tests/test_loss.py`` holds ``axolotl_dskd.loss.dskd_loss`` to
+(values, metrics and gradients), and ``benchmarks/loss_memory.py`` uses it as the unchunked
+baseline.
+
+Gradients flow back to the caller's tensors: inputs are cast with ``.to(float64)`` (which is
+differentiable) and the projectors are applied through ``torch.func.functional_call`` with their
+parameters cast by ``.double()``, so ``torch.autograd.grad(loss, proj.parameters())`` works.
+Teacher tensors and the embedding matrices are detached, as the spec requires.
+
+Conventions fixed here where the spec leaves room:
+
+- ``N`` (the token-mean denominator) and the ``t2s_acc`` denominator are floored at 1, so a
+  micro-batch without trained student tokens gives 0 instead of 0/0.
+- A packed position ``i`` (after the shift, i.e. the hidden state at ``i`` predicting
+  ``labels[i + 1]``) belongs to the segment ``segment_ids[:, i]``.
+- ``Norm`` over fewer than two valid entries (no trained teacher token in the micro-batch)
+  divides by 1; every pair is masked then, so the value does not reach any term.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = ["DIVERGENCE_NAMES", "reference_divergence", "reference_dskd_loss"]
+
+IGNORE_INDEX = -100
+MASKED_SCORE = -1e5
+DIVERGENCE_NAMES = (
+    "forward_kl",
+    "reverse_kl",
+    "js",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "adaptive_kl",
+)
+_DEFAULTS = dict(
+    kd_rate=0.5,
+    temperature=2.0,
+    divergence="forward_kl",
+    teacher_space_divergence="forward_kl",
+    skew_lambda=0.1,
+    akl_alpha=0.5,
+    cross_tokenizer=False,
+)
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Divergences (spec table). Rows are tokens, the last dim the vocabulary.
+# --------------------------------------------------------------------------------------------
+
+
+def reference_divergence(
+    name: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 2.0,
+    skew_lambda: float = 0.1,
+    akl_alpha: float = 0.5,
+) -> Tensor:
+    """``D(student_side, teacher_side)`` per token.
+
+    ``q = softmax(student_side / T)``, ``p = softmax(teacher_side / T)``; ``[..., V] -> [...]``.
+    """
+    log_q = F.log_softmax(student_logits.to(F64) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.to(F64) / temperature, dim=-1)
+    p = log_p.exp()
+    q = log_q.exp()
+    fkl = (p * (log_p - log_q)).sum(-1)
+    rkl = (q * (log_q - log_p)).sum(-1)
+
+    if name == "forward_kl":
+        return fkl
+    if name == "reverse_kl":
+        return rkl
+    if name == "js":
+        # m = (p + q) / 2, log m = logaddexp(log p, log q) - log 2
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+        return 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
+    if name == "skew_forward_kl":
+        lam = skew_lambda
+        # log(lam p + (1 - lam) q)
+        log_mix = torch.logaddexp(math.log(lam) + log_p, math.log(1.0 - lam) + log_q)
+        return (p * (log_p - log_mix)).sum(-1)
+    if name == "skew_reverse_kl":
+        lam = skew_lambda
+        # log((1 - lam) p + lam q)
+        log_mix = torch.logaddexp(math.log(1.0 - lam) + log_p, math.log(lam) + log_q)
+        return (q * (log_q - log_mix)).sum(-1)
+    if name == "adaptive_kl":
+        with torch.no_grad():
+            p_sorted, order = torch.sort(p, dim=-1, stable=True)  # ascending
+            q_sorted = torch.gather(q, -1, order)
+            gap = (p_sorted - q_sorted).abs()
+            tail = torch.cumsum(p_sorted, dim=-1) <= akl_alpha
+            g_tail = (gap * tail).sum(-1)
+            g_head = (gap * ~tail).sum(-1)
+            total = g_head + g_tail
+            # Identical distributions: total == 0 and FKL == RKL == 0, any weights give 0.
+            safe = torch.where(total > 0, total, torch.ones_like(total))
+            w_head = torch.where(total > 0, g_head / safe, torch.full_like(total, 0.5))
+            w_tail = torch.where(total > 0, g_tail / safe, torch.full_like(total, 0.5))
+        return w_head * fkl + w_tail * rkl
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _linear64(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` in float64 with gradients reaching ``layer``'s float32 parameters."""
+    params = {name: p.double() for name, p in layer.named_parameters()}
+    return functional_call(layer, params, (x.to(F64),))
+
+
+def _shift(labels: Tensor) -> tuple[Tensor, Tensor]:
+    y = labels[:, 1:]
+    return y, y != IGNORE_INDEX
+
+
+def _ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token cross-entropy (no temperature)."""
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _norm(x: Tensor, valid: Tensor) -> Tensor:
+    """``x / std(x)``: unbiased std of all entries of ``x`` at the valid positions."""
+    entries = x[valid]
+    if entries.numel() < 2:
+        return x
+    return x / entries.std(unbiased=True)
+
+
+def _config(config: Any) -> Any:
+    if config is None:
+        return SimpleNamespace(**_DEFAULTS)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------
+
+
+def reference_dskd_loss(
+    proj: nn.Module,
+    *,
+    student_hidden: Tensor,
+    student_lm_head: Tensor,
+    student_labels: Tensor,
+    teacher_hidden: Tensor,
+    teacher_lm_head: Tensor,
+    teacher_labels: Tensor | None = None,
+    student_input_ids: Tensor | None = None,
+    teacher_input_ids: Tensor | None = None,
+    student_embeddings: Tensor | None = None,
+    teacher_embeddings: Tensor | None = None,
+    config: Any = None,
+    num_items: int | Tensor | None = None,
+    student_segment_ids: Tensor | None = None,
+    teacher_segment_ids: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The DSKD loss of one micro-batch, exactly as the spec writes it, in float64.
+
+    Returns ``(loss, metrics)`` with metrics ``ce``, ``kd_student``, ``kd_teacher``, ``t2s_ce``,
+    ``t2s_acc`` (float64 tensors; the KD terms are the un-weighted token means).
+    """
+    cfg = _config(config)
+    T = float(cfg.temperature)
+
+    def div(name: str, student_side: Tensor, teacher_side: Tensor) -> Tensor:
+        return reference_divergence(
+            name,
+            student_side,
+            teacher_side,
+            temperature=T,
+            skew_lambda=float(cfg.skew_lambda),
+            akl_alpha=float(cfg.akl_alpha),
+        )
+
+    # Shift: hidden states at 0..L-2 predict labels[1:].
+    y_s, m_s = _shift(student_labels)
+    h_s = student_hidden[:, :-1].to(F64)  # keeps the gradient to the caller's tensor
+    h_t = teacher_hidden[:, :-1].detach().to(F64)
+    W_s = student_lm_head.to(F64)  # trainable in a full fine-tune
+    W_s_sg = W_s.detach()
+    W_t = teacher_lm_head.detach().to(F64)
+
+    n_trained = m_s.sum()
+    N = n_trained.to(F64) if num_items is None else torch.as_tensor(num_items, dtype=F64)
+    N = N.clamp_min(1.0)
+
+    # Student logits and CE (as the model computes them).
+    z_s = h_s @ W_s.T  # [B, n, V_s]
+    ce = _ce(z_s[m_s], y_s[m_s]).sum() / N
+
+    # Teacher logits: constant.
+    z_t = h_t @ W_t.T  # [B, m, V_t]
+
+    if not cfg.cross_tokenizer:
+        # ---------------- same vocabulary: M_t = M_s, y_t = y_s ----------------
+        z_t2s = _linear64(proj.t2s, h_t) @ W_s_sg.T  # teacher projected into the student space
+        t2s_ce = _ce(z_t2s[m_s], y_s[m_s]).sum() / N
+        kd_stu = div(cfg.divergence, z_s[m_s], z_t2s[m_s].detach()).sum() / N
+        z_s2t = _linear64(proj.s2t, h_s) @ W_t.T  # student projected into the teacher space
+        kd_tea = div(cfg.teacher_space_divergence, z_s2t[m_s], z_t[m_s]).sum() / N
+        correct = m_s & (z_t2s.argmax(-1) == y_s)
+    else:
+        # ---------------- different vocabularies: cross-model attention ----------------
+        if teacher_labels is None or student_input_ids is None or teacher_input_ids is None:
+            raise ValueError("CMA needs teacher_labels and both input_ids")
+        if student_embeddings is None or teacher_embeddings is None:
+            raise ValueError("CMA needs both embedding matrices")
+        y_t, m_t = _shift(teacher_labels)
+        x_s = student_input_ids[:, :-1]
+        x_t = teacher_input_ids[:, :-1]
+        E_s = student_embeddings.detach().to(F64)
+        E_t = teacher_embeddings.detach().to(F64)
+        d_t = teacher_hidden.shape[-1]
+
+        # 1. index embeddings, masked positions -> token id 0
+        xs0 = torch.where(m_s, x_s, torch.zeros_like(x_s))
+        ys0 = torch.where(m_s, y_s, torch.zeros_like(y_s))
+        xt0 = torch.where(m_t, x_t, torch.zeros_like(x_t))
+        yt0 = torch.where(m_t, y_t, torch.zeros_like(y_t))
+        q_idx = torch.cat([E_s[xs0], E_s[ys0]], dim=-1)  # [B, n, 2 d_s]
+        k_idx = torch.cat([E_t[xt0], E_t[yt0]], dim=-1)  # [B, m, 2 d_t]
+
+        # 2-3. Norm (teacher tensors over M_t), queries, keys, values
+        Q = _linear64(proj.query, q_idx)  # [B, n, 2 d_t]
+        K = _norm(k_idx, m_t)  # keys are not projected
+        V_t = _linear64(proj.t2s, _norm(h_t, m_t) + _norm(E_t[yt0], m_t))  # [B, m, d_s]
+        V_s = _linear64(proj.s2t, h_s)  # [B, n, d_t]
+
+        # 4. scores and the pair mask
+        S = Q @ K.transpose(-1, -2) / math.sqrt(2 * d_t)  # [B, n, m]
+        pair = m_s[:, :, None] & m_t[:, None, :]
+        if (student_segment_ids is None) != (teacher_segment_ids is None):
+            raise ValueError("give segment ids for both sides or for neither")
+        if student_segment_ids is not None:
+            seg_s = student_segment_ids[:, :-1]
+            seg_t = teacher_segment_ids[:, :-1]
+            pair = pair & (seg_s[:, :, None] == seg_t[:, None, :])
+        S = S + (~pair).to(F64) * MASKED_SCORE
+        row_ok = pair.any(-1)  # student rows with a valid partner   [B, n]
+        col_ok = pair.any(-2)  # teacher columns with a valid partner [B, m]
+
+        # 5. teacher -> student
+        A = torch.softmax(S, dim=-1)
+        z_t2s = (A @ V_t) @ W_s_sg.T  # [B, n, V_s]
+        rows = m_s & row_ok
+        t2s_ce = _ce(z_t2s[rows], y_s[rows]).sum() / N
+        correct = rows & (z_t2s.argmax(-1) == y_s)
+        kd_stu = div(cfg.divergence, z_s[correct], z_t2s[correct].detach()).sum() / N
+
+        # 6. student -> teacher (same scores, normalised over student positions)
+        A_prime = torch.softmax(S.transpose(-1, -2), dim=-1)  # [B, m, n]
+        z_s2t = (A_prime @ V_s) @ W_t.T  # [B, m, V_t]
+        cols = m_t & col_ok
+        kd_tea = div(cfg.teacher_space_divergence, z_s2t[cols], z_t[cols]).sum() / N
+
+    r = float(cfg.kd_rate)
+    loss = (1.0 - r) * ce + r * (kd_stu + t2s_ce + kd_tea)
+    t2s_acc = correct.sum().to(F64) / n_trained.to(F64).clamp_min(1.0)
+    metrics = {
+        "ce": ce,
+        "kd_student": kd_stu,
+        "kd_teacher": kd_tea,
+        "t2s_ce": t2s_ce,
+        "t2s_acc": t2s_acc,
+    }
+    return loss, metrics
