@@ -7,6 +7,7 @@ exists (model-loading hooks also fire for merge-lora and inference, which need n
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -19,6 +20,11 @@ from axolotl_dskd.projector_io import load_projectors
 from axolotl_dskd.teacher import context_length, load_teacher
 
 LOG = logging.getLogger(__name__)
+# Axolotl shows INFO only for loggers named "axolotl*" whose level allows it; ours would
+# inherit the root's WARNING, hiding the teacher/CMA choices it reports once per run.
+_PACKAGE_LOG = logging.getLogger("axolotl_dskd")
+if _PACKAGE_LOG.level == logging.NOTSET:
+    _PACKAGE_LOG.setLevel(os.getenv("AXOLOTL_LOG_LEVEL", "INFO").upper())
 
 
 def teacher_dtype(cfg: Any) -> torch.dtype:
