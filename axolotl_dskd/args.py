@@ -35,6 +35,11 @@ class DSKDArgs(BaseModel):
         default=None, description="A LoRA adapter merged into the teacher after loading."
     )
     dskd_teacher_trust_remote_code: bool = False
+    dskd_method: Literal["dskd", "vanilla_kd"] = Field(
+        default="dskd",
+        description="vanilla_kd: the paper's baseline, (1-r) CE + r KL(teacher || student) "
+        "on logits, same vocabulary only, no projectors.",
+    )
     dskd_kd_rate: float = Field(default=0.5, ge=0.0, le=1.0)
     dskd_temperature: float = Field(default=2.0, gt=0.0)
     dskd_divergence: Divergence = "forward_kl"

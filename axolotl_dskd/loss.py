@@ -159,6 +159,13 @@ def _shift(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return hidden[:, :-1], targets, targets != IGNORE_INDEX
 
 
+def _token_counts(mask: Tensor, num_items: int | Tensor | None) -> tuple[Tensor, Tensor]:
+    """Trained targets in this micro-batch, and the loss denominator ``N`` (at least 1)."""
+    n_trained = mask.sum()
+    denom = n_trained if num_items is None else num_items
+    return n_trained, torch.as_tensor(denom, dtype=torch.float32, device=mask.device).clamp_min(1.0)
+
+
 def _normalized(x: Tensor, valid: Tensor) -> Tensor:
     """``x / std(x)``, one unbiased std over every entry at the valid positions.
 
@@ -236,10 +243,7 @@ def dskd_loss(
     loss is a mean over this micro-batch's trained student tokens.
     """
     h_s, y_s, m_s = _shift(student_hidden, student_labels)
-    n_trained = m_s.sum()
-    denom = torch.as_tensor(
-        n_trained if num_items is None else num_items, dtype=torch.float32, device=h_s.device
-    ).clamp_min(1.0)
+    n_trained, denom = _token_counts(m_s, num_items)
     teacher_hidden = teacher_hidden.detach()
     teacher_lm_head = teacher_lm_head.detach()
 
@@ -292,3 +296,57 @@ def dskd_loss(
         "t2s_acc": correct / n_trained.clamp_min(1).float(),
     }
     return DSKDLossOutput(loss=(student_side + teacher_side) / denom, metrics=metrics)
+
+
+def _vanilla_kd_chunk(
+    hidden: Tensor,
+    teacher_hidden: Tensor,
+    targets: Tensor,
+    lm_head: Tensor,
+    teacher_lm_head: Tensor,
+    *,
+    config: DSKDLossConfig,
+) -> tuple[Tensor, Tensor]:
+    """CE and ``D(student, teacher)`` over a chunk. Stats: ``[ce, kd]`` sums."""
+    divergence = get_divergence(config.divergence, config.skew_lambda, config.akl_alpha)
+    z_s = _logits(hidden, lm_head)
+    with torch.no_grad():
+        log_p = F.log_softmax(_logits(teacher_hidden, teacher_lm_head) / config.temperature, -1)
+    ce = F.cross_entropy(z_s, targets, reduction="sum")
+    kd = divergence(F.log_softmax(z_s / config.temperature, dim=-1), log_p).sum()
+    loss = (1.0 - config.kd_rate) * ce + config.kd_rate * kd
+    return loss, torch.stack([ce, kd]).detach()
+
+
+def vanilla_kd_loss(
+    *,
+    student_hidden: Tensor,
+    student_lm_head: Tensor,
+    student_labels: Tensor,
+    teacher_hidden: Tensor,
+    teacher_lm_head: Tensor,
+    config: DSKDLossConfig = DSKDLossConfig(),
+    num_items: int | Tensor | None = None,
+) -> DSKDLossOutput:
+    """The paper's vanilla KD baseline: ``(1-r) CE + r D(z_s, z_t)``, same vocabulary only.
+
+    Reported under the same metric names (``kd_student`` is the KD term; no projectors, so
+    ``kd_teacher``, ``t2s_ce`` and ``t2s_acc`` are 0), for side-by-side comparisons.
+    """
+    if student_lm_head.shape[0] != teacher_lm_head.shape[0]:
+        raise ValueError(
+            f"vanilla KD needs one vocabulary; the student has {student_lm_head.shape[0]} "
+            f"tokens and the teacher {teacher_lm_head.shape[0]}"
+        )
+    h_s, y_s, m_s = _shift(student_hidden, student_labels)
+    _, denom = _token_counts(m_s, num_items)
+    loss, (ce, kd) = chunked_token_sum(
+        _maybe_compile(partial(_vanilla_kd_chunk, config=config), config),
+        (h_s[m_s], teacher_hidden.detach()[:, :-1][m_s], y_s[m_s]),
+        (student_lm_head, teacher_lm_head.detach()),
+        config.tokens_per_chunk(student_lm_head.shape[0]),
+    )
+    zero = torch.zeros((), device=h_s.device)
+    metrics = {"ce": ce / denom, "kd_student": kd / denom}
+    metrics.update(kd_teacher=zero, t2s_ce=zero, t2s_acc=zero)
+    return DSKDLossOutput(loss=loss / denom, metrics=metrics)

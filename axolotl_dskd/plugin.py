@@ -117,15 +117,17 @@ class DSKDPlugin(BasePlugin):
             adapter=cfg.dskd_teacher_adapter,
             trust_remote_code=cfg.dskd_teacher_trust_remote_code,
         )
-        projectors = Projectors(
-            causal_lm(trainer.model).config.get_text_config().hidden_size,
-            teacher.config.get_text_config().hidden_size,
-            cross_tokenizer=config.cross_tokenizer,
-        )
-        if cfg.dskd_projectors:
-            load_projectors(projectors, cfg.dskd_projectors, key="dskd_projectors")
-            LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
-        trainer.attach_teacher(teacher, projectors, config, cfg.dskd_projector_lr)
+        projectors = None
+        if cfg.dskd_method == "dskd":
+            projectors = Projectors(
+                causal_lm(trainer.model).config.get_text_config().hidden_size,
+                teacher.config.get_text_config().hidden_size,
+                cross_tokenizer=config.cross_tokenizer,
+            )
+            if cfg.dskd_projectors:
+                load_projectors(projectors, cfg.dskd_projectors, key="dskd_projectors")
+                LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
+        trainer.attach_teacher(teacher, projectors, config, cfg.dskd_projector_lr, cfg.dskd_method)
         self._trainer = trainer
 
     def post_train(self, cfg: Any, model: Any) -> None:

@@ -17,7 +17,13 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
 from typing_extensions import override
 
-from axolotl_dskd.loss import METRIC_NAMES, DSKDLossConfig, Projectors, dskd_loss
+from axolotl_dskd.loss import (
+    METRIC_NAMES,
+    DSKDLossConfig,
+    Projectors,
+    dskd_loss,
+    vanilla_kd_loss,
+)
 from axolotl_dskd.models import (
     final_hidden_states,
     input_embedding_weight,
@@ -39,19 +45,25 @@ class DSKDTrainer(AxolotlTrainer):
     projectors: Projectors | None = None
     loss_config: DSKDLossConfig | None = None
     projector_lr: float = 1e-3
+    method: str = "dskd"
 
     def attach_teacher(
         self,
         teacher: nn.Module,
-        projectors: Projectors,
+        projectors: Projectors | None,
         loss_config: DSKDLossConfig,
         projector_lr: float,
+        method: str = "dskd",
     ) -> None:
-        """Distill from ``teacher`` from now on; called once, before training starts."""
+        """Distill from ``teacher`` from now on; called once, before training starts.
+
+        ``method="vanilla_kd"`` is the paper's logit-KD baseline and takes no projectors.
+        """
         self.teacher = teacher
-        self.projectors = projectors.to(self.args.device)
+        self.projectors = None if projectors is None else projectors.to(self.args.device)
         self.loss_config = loss_config
         self.projector_lr = projector_lr
+        self.method = method
         # the loss is a sum over tokens divided by the trainer's global token count
         self.model_accepts_loss_kwargs = True
 
@@ -84,43 +96,49 @@ class DSKDTrainer(AxolotlTrainer):
         inputs.pop("num_items_in_batch", None)
 
         student_hidden = final_hidden_states(model, **inputs)
-        cross = self.loss_config.cross_tokenizer
-        if cross:
-            teacher_forward = {
-                "input_ids": teacher_inputs["teacher_input_ids"],
-                "attention_mask": teacher_inputs["teacher_attention_mask"],
-                "position_ids": teacher_inputs["teacher_position_ids"],
-            }
-        else:
-            teacher_forward = {
-                k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs
-            }
-        if self._packed():
-            # packed rows: the teacher separates samples by restarting position_ids
-            teacher_forward.pop("attention_mask", None)
-        teacher_hidden = teacher_hidden_states(self.teacher, **teacher_forward)
-
-        out = dskd_loss(
-            self.projectors,
+        teacher_hidden = teacher_hidden_states(self.teacher, **self._teacher_forward_inputs(inputs, teacher_inputs))
+        common = dict(
             student_hidden=student_hidden,
             student_lm_head=lm_head_weight(model),
             student_labels=labels,
             teacher_hidden=teacher_hidden,
             teacher_lm_head=lm_head_weight(self.teacher),
-            teacher_labels=teacher_inputs["teacher_labels"] if cross else labels,
-            student_input_ids=inputs["input_ids"] if cross else None,
-            teacher_input_ids=teacher_inputs["teacher_input_ids"] if cross else None,
-            student_embeddings=input_embedding_weight(model) if cross else None,
-            teacher_embeddings=input_embedding_weight(self.teacher) if cross else None,
             config=self.loss_config,
             num_items=num_items_in_batch,
-            **segments,
         )
+        if self.method == "vanilla_kd":
+            out = vanilla_kd_loss(**common)
+        elif self.loss_config.cross_tokenizer:
+            out = dskd_loss(
+                self.projectors,
+                **common,
+                teacher_labels=teacher_inputs["teacher_labels"],
+                student_input_ids=inputs["input_ids"],
+                teacher_input_ids=teacher_inputs["teacher_input_ids"],
+                student_embeddings=input_embedding_weight(model),
+                teacher_embeddings=input_embedding_weight(self.teacher),
+                **segments,
+            )
+        else:
+            out = dskd_loss(self.projectors, **common, teacher_labels=labels)
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         self._store_dskd_metrics(out.metrics, num_items_in_batch, labels)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _teacher_forward_inputs(
+        self, inputs: dict[str, Tensor], teacher_inputs: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The teacher's own tokens (cross-tokenizer) or the student's."""
+        if self.loss_config.cross_tokenizer:
+            forward = {k.removeprefix("teacher_"): v for k, v in teacher_inputs.items() if k != "teacher_labels"}
+        else:
+            forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+        if self._packed():
+            # packed rows: the teacher separates samples by restarting position_ids
+            forward.pop("attention_mask", None)
+        return forward
 
     def _packed(self) -> bool:
         if self.model.training:

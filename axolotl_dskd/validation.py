@@ -38,6 +38,11 @@ def check_teacher_setup(cfg: Any) -> None:
             "vocabularies (their token-to-id maps differ). Set dskd_cross_tokenizer: auto (or true) "
             "to distill through cross-model attention, or use a teacher with the student's tokenizer."
         )
+    if cfg.dskd_method == "vanilla_kd" and not info.same_vocabulary:
+        raise ValueError(
+            "dskd_method: vanilla_kd compares logits token by token and needs the teacher and "
+            "student to share a vocabulary, but their tokenizers differ. Use dskd_method: dskd."
+        )
     if cfg.dskd_cross_tokenizer == "auto":
         cfg.dskd_cross_tokenizer = not info.same_vocabulary
     sequence_len = getattr(cfg, "sequence_len", None)
