@@ -1,19 +1,40 @@
 """Tiny local models, tokenizers and task data: the offline quickstart, tests and benchmarks.
 
-Nothing here downloads anything. Tokenizers are trained in seconds with the ``tokenizers``
-library in the two styles real model pairs differ by: byte-level BPE (GPT-2, Llama 3, Qwen)
-and sentencepiece-style Unigram with ``▁`` and byte fallback (Llama 2, Mistral, TinyLlama).
-Models are random-weight ``Qwen2``/``Llama`` configs small enough to train on a laptop CPU.
+Nothing here downloads anything, and nothing here imports Axolotl (torch, ``tokenizers`` and
+``transformers`` only), so tests and benchmarks can build their inputs without it.
+
+- **Tokenizers**, trained in about a second with the ``tokenizers`` library, in the two styles
+  real model pairs differ by: byte-level BPE (GPT-2, Llama 3, Qwen: ``Ġ`` spaces, no BOS) and
+  sentencepiece-style Unigram (Llama 2, Mistral, TinyLlama: ``▁`` spaces, byte fallback, ``<s>``
+  BOS). Both are deterministic: the same corpus gives the same vocabulary, ids and scores in
+  every process (the Unigram pieces are rescored by corpus frequency, because the trainer's own
+  scores wobble in the last digits from run to run).
+- **Models**: random-weight ``Qwen2`` / ``Llama`` configs small enough to train on a laptop CPU.
+- **A task whose knowledge sits in a teacher**: arithmetic in words (``"seventeen plus
+  twenty-five"`` -> ``"forty-two"``). :func:`train_teacher` trains a tiny Qwen2 on plenty of clean
+  rows with a plain torch loop; students get a few noisy rows (:func:`task_split`).
+- **Assets** (:func:`make_assets`): teacher, same-vocabulary student, cross-tokenizer student and
+  datasets under one folder, rebuilt only when their settings change (:func:`cached_assets`
+  keys that folder by a hash of the settings under ``.cache/tiny/``).
+- **Evaluation** of the task (:func:`evaluate_task`): greedy exact match and answer-token NLL,
+  with prompts tokenized exactly as Axolotl's instruction datasets tokenize them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -23,201 +44,156 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+PathLike = str | os.PathLike
+
+# ------------------------------------------------------------------------------------ tokenizers
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+"""The byte-level BPE tokenizer's special tokens: EOS (and pad, unk), then the ChatML markers."""
+SENTENCEPIECE_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
-BASE_CORPUS = [
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction:\n### Input:\n### Response:\n",
-    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
-    "Café, naïve, résumé, façade, jalapeño, Größe, Ærø, crème brûlée.",
-    "机器学习 知识蒸馏 学生 教师 模型 你好世界",
-    "Emoji: 🙂 🚀 🎉 👍🏽 and symbols © ® ™ € £ ¥",
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy "
-    "eighty ninety hundred plus minus times equals",
-    "user assistant system: Hello! How can I help you today? Answer the question.",
-]
-
-WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen"
-).split()
-TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def number_words(n: int) -> str:
-    """English words for 0 <= n < 1000."""
-    if n < 20:
-        return WORDS[n]
-    if n < 100:
-        return TENS[n // 10 - 2] + ("" if n % 10 == 0 else "-" + WORDS[n % 10])
-    rest = n % 100
-    return WORDS[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
-
-
-def task_corpus(n: int = 400, seed: int = 0) -> list[str]:
-    """Text for tokenizer training: the template, multilingual samples and task examples."""
-    rows = arithmetic_rows(n, seed)
-    return BASE_CORPUS * 20 + [f"{r['instruction']} {r['input']} {r['output']}" for r in rows]
+TEST_CORPUS: list[str] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\nSummarize the following text.\n\n### Response:\nThe text is about distillation.",
+    "Knowledge distillation trains a small student model to imitate a large teacher model.",
+    "What is the capital of France? The capital of France is Paris.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 1, 2, 3, 10, 42, 100, 2024, 3.14159.",
+    "Le café est très bon. Où est la bibliothèque? Voilà, c'est déjà fini.",
+    "Über den Wolken muss die Freiheit wohl grenzenlos sein. Straße, Größe, schön.",
+    "El niño comió una manzana. ¿Dónde está la estación? Mañana será otro día.",
+    "São Paulo é uma cidade enorme. Ação, coração, informação.",
+    "Zażółć gęślą jaźń. Český jazyk, ŕ, ĺ, ő, ű.",
+    "我们今天学习知识蒸馏。老师模型很大,学生模型很小。",
+    "東京は日本の首都です。ひらがなとカタカナ。",
+    "한국어 문장도 조금 있습니다.",
+    "Emoji: 😀 😃 🎉 🚀 👍🏽 ❤️ 🇫🇷 👨‍👩‍👧",
+    "<|im_start|>user\nHello, who are you?<|im_end|>\n"
+    "<|im_start|>assistant\nI am a helpful assistant.<|im_end|>\n",
+    "Привет, как дела? Всё хорошо.",
+    "Γειά σου κόσμε. Ελληνικά.",
+] * 4
+"""ASCII, accented Latin, CJK, emoji and chat markup: what cross-tokenizer tests need."""
 
 
-def arithmetic_rows(n: int, seed: int, max_operand: int = 50) -> list[dict[str, str]]:
-    """Alpaca rows of a rule-governed task: add two numbers written in words."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randrange(max_operand), rng.randrange(max_operand)
-        rows.append(
-            {
-                "instruction": "Add the two numbers.",
-                "input": f"{number_words(a)} plus {number_words(b)}",
-                "output": number_words(a + b),
-            }
-        )
-    return rows
+def _wrap(
+    tok: Tokenizer, save_dir: PathLike | None, chat_template: str | None, **special: Any
+) -> PreTrainedTokenizerFast:
+    if chat_template is not None:
+        special["chat_template"] = chat_template
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special)
+    if save_dir is None:
+        return fast
+    # through save / load, as a user's tokenizer would arrive
+    fast.save_pretrained(str(save_dir))
+    return PreTrainedTokenizerFast.from_pretrained(str(save_dir))
 
 
-def bpe_tokenizer(corpus: Iterable[str], vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer in the GPT-2 / Qwen style (``Ġ`` spaces, ChatML markers)."""
+def bpe_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int = 600,
+    *,
+    min_frequency: int = 2,
+    chat_template: str | None = CHATML_TEMPLATE,
+    save_dir: PathLike | None = None,
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE in the GPT-2 / Qwen style, deterministic.
+
+    ByteLevel pre-tokenizer without prefix space, ByteLevel decoder, no BOS,
+    ``<|endoftext|>`` as EOS, pad and unk, the ChatML markers as special tokens.
+    ``save_dir``: return the tokenizer as reloaded from there (as a user's would arrive).
+    """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=special,
+        min_frequency=min_frequency,
+        special_tokens=list(CHAT_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    return _wrap(
+        tok,
+        save_dir,
+        chat_template,
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=special[1:],
-        chat_template=CHATML_TEMPLATE,
+        unk_token="<|endoftext|>",
+        additional_special_tokens=CHAT_SPECIAL_TOKENS[1:],
     )
 
 
-def sentencepiece_tokenizer(corpus: Iterable[str], vocab_size: int = 700) -> PreTrainedTokenizerFast:
-    """A Unigram tokenizer in the Llama 2 / TinyLlama style: ``▁``, byte fallback, ``<s>`` BOS."""
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+def sentencepiece_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int = 450,
+    *,
+    max_piece_length: int = 8,
+    pad_token: str | None = None,
+    chat_template: str | None = CHATML_TEMPLATE,
+    save_dir: PathLike | None = None,
+) -> PreTrainedTokenizerFast:
+    """Sentencepiece-style Unigram in the Llama 2 / TinyLlama style, deterministic.
+
+    Metaspace ``▁`` with ``prepend_scheme="first"``, byte fallback through ``<0x00>``..``<0xFF>``
+    (ordinary vocabulary entries, not added tokens, as in Llama's tokenizer), ``<s>`` BOS added by
+    the post-processor, ``</s>`` EOS, ``<unk>``; no pad unless ``pad_token`` names one.
+    ``vocab_size`` counts the trained pieces; the 256 byte pieces come on top.
+    """
+    corpus = list(corpus)
+    specials = list(SENTENCEPIECE_SPECIAL_TOKENS)
+    trainer_tok = Tokenizer(models.Unigram())
+    trainer_tok.pre_tokenizer = _metaspace()
     trainer = trainers.UnigramTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=specials,
         unk_token="<unk>",
         show_progress=False,
+        max_piece_length=max_piece_length,
     )
-    tok.train_from_iterator(corpus, trainer)
-    spec = json.loads(tok.to_str())
-    known = {piece for piece, _ in spec["model"]["vocab"]}
-    spec["model"]["vocab"] += [[b, 0.0] for b in byte_tokens if b not in known]
-    spec["model"]["byte_fallback"] = True
-    spec["normalizer"] = None
-    spec["pre_tokenizer"] = {
-        "type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False
-    }
-    spec["decoder"] = {
-        "type": "Sequence",
-        "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-        ],
-    }
-    tok = Tokenizer.from_str(json.dumps(spec))
-    bos = tok.token_to_id("<s>")
+    trainer_tok.train_from_iterator(corpus, trainer=trainer)
+    # The trainer's piece set is stable, but its scores wobble in the last digits from run to run
+    # (float sums in parallel); score the pieces by their corpus frequency instead, in a fixed order.
+    trained = json.loads(trainer_tok.to_str())["model"]["vocab"]  # [[piece, score], ...], specials first
+    pieces = _frequency_scores(sorted(p for p, _ in trained if p not in specials), corpus)
+    vocab = [(p, 0.0) for p in specials] + [(f"<0x{i:02X}>", -1e3) for i in range(256)] + pieces
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = _metaspace()
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="</s>",
-        chat_template=CHATML_TEMPLATE,
-    )
+    special = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if pad_token is not None:
+        special["pad_token"] = pad_token
+    return _wrap(tok, save_dir, chat_template, **special)
 
 
-def tiny_model(
-    family: Literal["llama", "qwen2"],
-    tokenizer: PreTrainedTokenizerFast,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    max_position_embeddings: int = 512,
-    seed: int = 0,
-) -> PreTrainedModel:
-    """A random-weight causal LM for ``tokenizer``, with untied LM head."""
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    import torch
-
-    torch.manual_seed(seed)
-    if family == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common))
-    return Qwen2ForCausalLM(Qwen2Config(**common))
+def _metaspace() -> pre_tokenizers.Metaspace:
+    return pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
 
 
-def save_pair(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+def _frequency_scores(pieces: list[str], corpus: Sequence[str]) -> list[tuple[str, float]]:
+    """Unigram log-probabilities from substring counts in the Metaspace form of ``corpus``."""
+    text = "\n".join("▁" + line.replace(" ", "▁") for line in corpus)
+    counts = [text.count(p) + 1 for p in pieces]
+    total = float(sum(counts))
+    return [(p, math.log(c / total)) for p, c in zip(pieces, counts)]
 
 
-def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-def make_assets(root: Path, seed: int = 0) -> dict[str, Path]:
-    """Teacher (Qwen2-style, BPE), same-vocab student (Llama, BPE), cross student (Llama,
-    sentencepiece-style) and an alpaca dataset, under ``root``; reused when present."""
-    root = Path(root)
-    paths = {
-        "teacher": root / "teacher",
-        "student": root / "student",
-        "student_sp": root / "student_sp",
-        "data": root / "data" / "arithmetic.jsonl",
-    }
-    if all(p.exists() for p in paths.values()):
-        return paths
-    corpus = task_corpus(seed=seed)
-    bpe = bpe_tokenizer(corpus)
-    sp = sentencepiece_tokenizer(corpus)
-    save_pair(tiny_model("qwen2", bpe, hidden_size=128, seed=seed), bpe, paths["teacher"])
-    save_pair(tiny_model("llama", bpe, seed=seed + 1), bpe, paths["student"])
-    save_pair(tiny_model("llama", sp, seed=seed + 2), sp, paths["student_sp"])
-    write_jsonl(arithmetic_rows(64, seed), paths["data"])
-    return paths
-
-
-if __name__ == "__main__":
-    import sys
-
-    for name, path in make_assets(Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/tiny")).items():
-        print(f"{name}: {path}")
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
+    """A hash of everything that decides how ``tokenizer`` encodes and decodes."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()

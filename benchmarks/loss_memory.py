@@ -1,0 +1,631 @@
+"""Peak memory and wall time of the chunked DSKD loss against an unchunked baseline.
+
+    python benchmarks/loss_memory.py --device cpu  [--quick] [--out DIR]
+    python benchmarks/loss_memory.py --device cuda [--quick] [--out DIR]
+
+For each point of the sweep (tokens per batch x teacher vocabulary x variant) the same random
+inputs are built (fixed seed) and one forward + backward of
+
+- ``chunked``:   ``axolotl_dskd.loss.dskd_loss`` (vocabulary products a chunk of trained
+  tokens at a time), and
+- ``unchunked``: ``benchmarks/unchunked_dskd.py`` (whole-batch ``[B, L, V]`` logits, as the
+  authors' code; same precision as ``dskd_loss``)
+
+is measured, each in a **fresh subprocess** (``--worker``):
+
+- memory: CPU: peak RSS during the loss minus the RSS just before it (the peak is reset right
+  before the loss through ``/proc/self/clear_refs``, then read with ``getrusage``'s
+  ``ru_maxrss``; the absolute peak is kept in the JSON too); CUDA:
+  ``torch.cuda.max_memory_allocated()`` minus the memory allocated before the loss.
+- time: median of a few forward + backward passes after a warm-up. The two implementations are
+  timed alternately in the same process (the unchunked worker), so machine noise hits both.
+  Passes that take more than ``SLOW_S`` are run once (the measured pass is the sample).
+
+Unchunked points whose predicted peak RSS exceeds ``--max-rss-gb`` (or 85 % of the memory
+available now) are not run and are reported as "skipped (OOM risk)".
+
+Results: a markdown table on stdout and in OUT/loss_memory.md, OUT/loss_memory.json and a plot
+OUT/loss_memory.png; OUT defaults to benchmarks/results/. The issue's targets are checked and
+printed as PASS/FAIL lines.
+
+Investigation knobs (they only change the chunked loss, in the worker process):
+``--chunk-size N`` (``DSKDLossConfig.chunk_size``) and ``--chunk-elements E`` (monkeypatches
+``axolotl_dskd.loss.CHUNK_ELEMENTS``, the default chunk is ``E // V`` tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results"
+MB = 1024 * 1024
+SLOW_S = 15.0
+"""A pass slower than this is timed once: its one measured pass is the sample."""
+WORKER_TIMEOUT_S = 1800
+
+# sweep
+BATCH = 2
+TOKENS = (512, 1024, 2048, 4096, 8192)
+STUDENT_VOCAB = 32000
+TEACHER_VOCABS = (32000, 64000, 152064)
+VARIANTS = ("same", "cma")
+SHAPES = {  # hidden sizes: (d_s, d_t) and the dtype of hidden states and LM heads
+    "cpu": dict(d_s=512, d_t=768, dtype="float32"),
+    "cuda": dict(d_s=2048, d_t=3584, dtype="bfloat16"),
+}
+PROMPT_SHARE = 0.2
+"""Leading share of each row that is prompt (label -100); the rest (~80 %) is trained."""
+TEACHER_LENGTH_RATIO = 17 / 16
+"""CMA: the teacher tokenizes the same text into ~6 % more tokens."""
+
+# the issue's targets
+CPU_TARGET = dict(tokens=2048, v_t=64000, variant="cma", max_memory_ratio=0.25, max_time_ratio=1.3)
+CUDA_TARGET = dict(tokens=4096, v_t=152064, max_peak_mb=1.5 * 1024)
+
+
+@dataclass(frozen=True)
+class Point:
+    tokens: int
+    v_t: int
+    variant: str  # "same" (V_s = V_t) or "cma" (V_s = STUDENT_VOCAB, cross-tokenizer)
+
+    @property
+    def label(self) -> str:
+        return f"{self.tokens} tok, V_t={self.v_t}, {self.variant}"
+
+
+# ============================================================================================
+# Inputs (shared with tests/test_benchmark_baseline.py)
+# ============================================================================================
+
+
+def make_inputs(point: Point, *, d_s: int, d_t: int, v_s: int, device: str, dtype, seed: int = 0):
+    """``(proj, dskd_loss keyword tensors, config)`` for one point, deterministic in ``seed``.
+
+    ``BATCH`` rows of ``tokens / BATCH`` student positions; the first ``PROMPT_SHARE`` of each
+    row is an untrained prompt. Same vocabulary: ``V_s = V_t``, both models see the same tokens.
+    CMA: ``V_s = v_s``, the teacher sequence is ``TEACHER_LENGTH_RATIO`` times longer with its
+    own ids and labels, plus both embedding matrices. The student hidden states require grad
+    (they stand for the student); the LM heads are frozen (LoRA student).
+    """
+    import torch
+
+    from axolotl_dskd.loss import DSKDLossConfig, Projectors
+
+    cma = point.variant == "cma"
+    V_s = v_s if cma else point.v_t
+    V_t = point.v_t
+    L_s = point.tokens // BATCH
+    L_t = round(L_s * TEACHER_LENGTH_RATIO) if cma else L_s
+    g = torch.Generator(device=device).manual_seed(seed)
+    torch.manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        x = torch.randn(*shape, generator=g, device=device, dtype=dtype)
+        return x.mul_(scale) if scale != 1.0 else x
+
+    def ids_labels(L: int, V: int):
+        ids = torch.randint(1, V, (BATCH, L), generator=g, device=device)
+        labels = ids.clone()
+        prompt = max(1, round(PROMPT_SHARE * L))
+        labels[:, :prompt] = -100
+        return ids, labels
+
+    s_ids, s_labels = ids_labels(L_s, V_s)
+    # logits z = h W^T of standard deviation ~2, as a trained LM head gives
+    inputs = dict(
+        student_hidden=randn(BATCH, L_s, d_s).requires_grad_(True),
+        student_lm_head=randn(V_s, d_s, scale=2.0 / math.sqrt(d_s)),
+        student_labels=s_labels,
+        teacher_hidden=randn(BATCH, L_t, d_t),
+        teacher_lm_head=randn(V_t, d_t, scale=2.0 / math.sqrt(d_t)),
+    )
+    if cma:
+        t_ids, t_labels = ids_labels(L_t, V_t)
+        inputs.update(
+            teacher_labels=t_labels,
+            student_input_ids=s_ids,
+            teacher_input_ids=t_ids,
+            student_embeddings=randn(V_s, d_s, scale=0.02),
+            teacher_embeddings=randn(V_t, d_t, scale=0.02),
+        )
+    proj = Projectors(d_s, d_t, cross_tokenizer=cma).to(device)
+    return proj, inputs, DSKDLossConfig(cross_tokenizer=cma)
+
+
+# ============================================================================================
+# Worker: one fresh process per measurement
+# ============================================================================================
+
+
+def _proc_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak RSS (VmHWM, and with it ``ru_maxrss``) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import axolotl_dskd.loss as loss_mod
+    from unchunked_dskd import unchunked_dskd_loss
+
+    if spec.get("chunk_elements"):
+        loss_mod.CHUNK_ELEMENTS = int(spec["chunk_elements"])
+    device = spec["device"]
+    dtype = getattr(torch, spec["dtype"])
+    cuda = device == "cuda"
+    point = Point(**spec["point"])
+    impls: list[str] = spec["impls"]
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def build(pt: Point, **shape):
+        proj, inputs, cfg = make_inputs(pt, device=device, dtype=dtype, seed=spec["seed"], **shape)
+        if spec.get("chunk_size"):
+            cfg = loss_mod.DSKDLossConfig(cross_tokenizer=cfg.cross_tokenizer,
+                                          chunk_size=int(spec["chunk_size"]))
+        return proj, inputs, cfg
+
+    def step(impl: str, proj, inputs, cfg) -> tuple[float, float]:
+        sync()
+        t0 = time.perf_counter()
+        if impl == "chunked":
+            loss = loss_mod.dskd_loss(proj, **inputs, config=cfg).loss
+        else:
+            loss, _ = unchunked_dskd_loss(proj, **inputs, config=cfg)
+        loss.backward()
+        sync()
+        elapsed = time.perf_counter() - t0
+        value = float(loss.detach())
+        del loss
+        inputs["student_hidden"].grad = None
+        for p in proj.parameters():
+            p.grad = None
+        return elapsed, value
+
+    # warm-up at a tiny size: thread pools, allocator, lazy initialisation, code paths
+    tiny = build(Point(64, 1024, point.variant), d_s=32, d_t=48, v_s=512)
+    for impl in impls:
+        step(impl, *tiny)
+    del tiny
+
+    shape = dict(d_s=spec["d_s"], d_t=spec["d_t"], v_s=spec["v_s"])
+    proj, inputs, cfg = build(point, **shape)
+    gc.collect()
+    sync()
+    out: dict = {"torch_threads": torch.get_num_threads(), "impls": impls}
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        out.update(gpu_total=total, gpu_free_before=free)
+    else:
+        before = _proc_status()["VmRSS"]
+        out["peak_reset"] = _reset_peak_rss()
+
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    values: dict[str, float] = {}
+    first: dict[str, float] = {}
+    try:
+        # the measured pass: the first (and only memory-relevant) pass of impls[0]
+        first[impls[0]], values[impls[0]] = step(impls[0], proj, inputs, cfg)
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0]
+        if not isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) and not any(
+            m in message for m in ("out of memory", "can't allocate", "not enough memory")
+        ):
+            raise
+        out.update(error=f"OOM: {message}")
+        return out
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        out.update(before=before, peak_abs=peak, peak_delta=peak - before)
+    else:
+        peak = _maxrss_bytes()
+        out.update(before=before, peak_abs=peak, peak_delta=peak - before,
+                   hwm=_proc_status()["VmHWM"])
+    out["cfg_tokens_per_chunk"] = {
+        "student": cfg.tokens_per_chunk(inputs["student_lm_head"].shape[0]),
+        "teacher": cfg.tokens_per_chunk(inputs["teacher_lm_head"].shape[0]),
+    }
+
+    # warm-up of the other implementations, then alternate
+    for impl in impls[1:]:
+        first[impl], values[impl] = step(impl, proj, inputs, cfg)
+    slowest = max(first.values())
+    repeats = spec["repeats"] if slowest < 3.0 else max(1, spec["repeats"] // 2)
+    if slowest > spec["slow_s"] or spec["repeats"] == 0:
+        repeats = 0
+    if repeats == 0:
+        times = {impl: [first[impl]] for impl in impls}
+    for r in range(repeats):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            times[impl].append(step(impl, proj, inputs, cfg)[0])
+    out.update(times=times, first=first, values=values,
+               median={impl: statistics.median(t) for impl, t in times.items()})
+    return out
+
+
+def run_worker(spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+                              env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        killed = proc.returncode in (-9, 137)
+        return {"error": ("killed (OOM?)" if killed else f"exit {proc.returncode}: ")
+                + " | ".join(tail), "worker_wall_s": wall}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    result = json.loads(lines[-1])
+    result["worker_wall_s"] = wall
+    return result
+
+
+# ============================================================================================
+# Driver
+# ============================================================================================
+
+
+def mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def sweep_points(device: str, quick: bool) -> list[Point]:
+    if quick:
+        if device == "cuda":
+            chosen = [(2048, 64000, "cma"), (4096, 152064, "same"), (4096, 152064, "cma")]
+        else:
+            chosen = [(512, 32000, "same"), (512, 32000, "cma"), (2048, 64000, "cma")]
+        return [Point(*c) for c in chosen]
+    # per (vocabulary, variant), tokens ascending: the unchunked OOM prediction uses the last one
+    return [Point(t, v, var) for v in TEACHER_VOCABS for var in VARIANTS for t in TOKENS]
+
+
+def fmt_mb(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def fmt_ratio(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| tokens | V_t | variant | chunked MB | unchunked MB | memory ratio | chunked s "
+            "| unchunked s | time ratio |")
+    lines = [head, "|---:|---:|:---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("unchunked_status"):
+            rest = f"{r['unchunked_status']} | — | {fmt_ratio(r['chunked_s'])} | — | — |"
+        else:
+            rest = (f"{fmt_mb(r['unchunked_mb'])} | {fmt_ratio(r['memory_ratio'], 3)} | "
+                    f"{fmt_ratio(r['chunked_s'])} | {fmt_ratio(r['unchunked_s'])} | "
+                    f"{fmt_ratio(r['time_ratio'])} |")
+        lines.append(f"| {r['tokens']} | {r['v_t']} | {r['variant']} | "
+                     f"{fmt_mb(r['chunked_mb'])} | " + rest)
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vocabs = sorted({r["v_t"] for r in rows})
+    fig, axes = plt.subplots(2, len(vocabs), figsize=(5.2 * len(vocabs), 8.6), squeeze=False)
+    styles = {
+        ("same", "chunked"): dict(color="tab:blue", ls="-", marker="o"),
+        ("same", "unchunked"): dict(color="tab:blue", ls="--", marker="s", mfc="none"),
+        ("cma", "chunked"): dict(color="tab:red", ls="-", marker="o"),
+        ("cma", "unchunked"): dict(color="tab:red", ls="--", marker="s", mfc="none"),
+    }
+    for col, v in enumerate(vocabs):
+        for row, (key, ylabel) in enumerate((("mb", "peak loss memory (MB, log)"),
+                                            ("s", "forward+backward time (s, log)"))):
+            ax = axes[row][col]
+            for (variant, impl), style in styles.items():
+                pts = sorted((r["tokens"], r[f"{impl}_{key}"]) for r in rows
+                             if r["v_t"] == v and r["variant"] == variant
+                             and r[f"{impl}_{key}"] is not None)
+                if pts:
+                    ax.plot(*zip(*pts), label=f"{variant} / {impl}", **style)
+                skipped = [r["tokens"] for r in rows if r["v_t"] == v and r["variant"] == variant
+                           and impl == "unchunked" and r.get("unchunked_status")]
+                if skipped and row == 0:
+                    for t in skipped:
+                        ax.axvline(t, color=style["color"], alpha=0.15, lw=6)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(sorted({r["tokens"] for r in rows}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_xlabel("tokens per batch (2 x L)")
+            ax.set_ylabel(ylabel)
+            title = f"teacher vocab {v:,}" + (" (same: V_s=V_t)" if row == 0 else "")
+            ax.set_title(title)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle(
+        f"DSKD loss, chunked vs unchunked — {meta['device_name']}, {meta['dtype']}, "
+        f"d_s={meta['d_s']}, d_t={meta['d_t']}, CMA V_s={meta['v_s']:,}\n"
+        "missing unchunked points (shaded) = skipped (OOM risk)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--quick", action="store_true", help="a small subset (a couple of minutes)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per implementation "
+                    "(halved for passes over 3 s, 1 for passes over SLOW_S)")
+    ap.add_argument("--max-rss-gb", type=float, default=16.0)
+    ap.add_argument("--chunk-size", type=int, default=None, help="DSKDLossConfig.chunk_size")
+    ap.add_argument("--chunk-elements", type=int, default=None,
+                    help="monkeypatch axolotl_dskd.loss.CHUNK_ELEMENTS in the workers")
+    ap.add_argument("--points", default=None,
+                    help="only these points: 'tokens:v_t:variant,...' (e.g. 2048:64000:cma)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    shape = SHAPES[args.device]
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: CUDA is not available", file=sys.stderr)
+            return 2
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    points = sweep_points(args.device, args.quick)
+    if args.points:
+        points = [Point(int(t), int(v), var)
+                  for t, v, var in (p.split(":") for p in args.points.split(","))]
+    meta = dict(device=args.device, device_name=device_name, dtype=shape["dtype"],
+                d_s=shape["d_s"], d_t=shape["d_t"], v_s=STUDENT_VOCAB, batch=BATCH,
+                prompt_share=PROMPT_SHARE, teacher_length_ratio=TEACHER_LENGTH_RATIO,
+                repeats=args.repeats, slow_s=SLOW_S, chunk_size=args.chunk_size,
+                chunk_elements=args.chunk_elements, quick=args.quick,
+                max_rss_gb=args.max_rss_gb, python=sys.version.split()[0])
+    print(f"# DSKD loss memory benchmark: {device_name}")
+    print(f"student d_s={shape['d_s']}, teacher d_t={shape['d_t']}, dtype {shape['dtype']}, "
+          f"batch {BATCH} x L, prompt {PROMPT_SHARE:.0%} untrained; same-vocab: V_s = V_t; "
+          f"CMA: V_s={STUDENT_VOCAB}, teacher length = {TEACHER_LENGTH_RATIO:.4f} x student; "
+          f"LM heads frozen (LoRA student); divergences forward_kl")
+    if args.chunk_size or args.chunk_elements:
+        print(f"chunked loss overridden: chunk_size={args.chunk_size}, "
+              f"CHUNK_ELEMENTS={args.chunk_elements}")
+    print(f"{len(points)} points, each implementation in a fresh subprocess", flush=True)
+
+    t_start = time.perf_counter()
+    rows: list[dict] = []
+    last_unchunked: dict[tuple, tuple[int, int]] = {}  # (v_t, variant) -> (tokens, peak delta)
+    skip_from: dict[tuple, int] = {}
+    for point in points:
+        base = dict(device=args.device, dtype=shape["dtype"], d_s=shape["d_s"], d_t=shape["d_t"],
+                    v_s=STUDENT_VOCAB, seed=args.seed, slow_s=SLOW_S,
+                    chunk_size=args.chunk_size, chunk_elements=args.chunk_elements,
+                    point=asdict(point))
+        key = (point.v_t, point.variant)
+
+        # should the unchunked baseline run? predict its peak from the last point (linear)
+        status = None
+        if key in skip_from and point.tokens >= skip_from[key]:
+            status = "skipped (OOM risk)"
+        elif key in last_unchunked:
+            t_prev, d_prev = last_unchunked[key]
+            predicted = d_prev * point.tokens / t_prev * 1.1
+            if args.device == "cpu":
+                avail = mem_available()
+                limit = args.max_rss_gb * 1024**3
+                if avail is not None:
+                    limit = min(limit, 0.85 * avail)
+            else:
+                limit = 0.85 * gpu_total if (gpu_total := rows[-1].get("gpu_total")) else math.inf
+            if predicted > limit:
+                status = "skipped (OOM risk)"
+                skip_from[key] = point.tokens
+                print(f"  unchunked {point.label}: predicted peak {predicted / MB:,.0f} MB > "
+                      f"limit {limit / MB:,.0f} MB: skipped", flush=True)
+
+        t0 = time.perf_counter()
+        # chunked: memory (fresh process); timed here only when the baseline does not run
+        chunked = run_worker(dict(base, impls=["chunked"],
+                                  repeats=args.repeats if status else 0))
+        unchunked = None
+        if status is None:
+            # unchunked memory (fresh process), then both timed alternately in that process
+            unchunked = run_worker(dict(base, impls=["unchunked", "chunked"],
+                                        repeats=args.repeats))
+            if "error" in unchunked:
+                status = f"failed: {unchunked['error']}"[:60]
+                if "OOM" in unchunked["error"] or "killed" in unchunked["error"]:
+                    status = "OOM"
+                    skip_from[key] = point.tokens
+            else:
+                last_unchunked[key] = (point.tokens, unchunked["peak_delta"])
+        if "error" in chunked:
+            print(f"  chunked {point.label}: {chunked['error']}", file=sys.stderr)
+
+        row: dict = dict(asdict(point), chunked_mb=None, unchunked_mb=None, memory_ratio=None,
+                         chunked_s=None, unchunked_s=None, time_ratio=None,
+                         unchunked_status=status, chunked_worker=chunked,
+                         unchunked_worker=unchunked)
+        if "error" not in chunked:
+            row["chunked_mb"] = chunked["peak_delta"] / MB
+            row["chunked_peak_abs_mb"] = chunked["peak_abs"] / MB
+            row["inputs_mb"] = chunked["before"] / MB
+            row["chunk_tokens"] = chunked["cfg_tokens_per_chunk"]
+            row["gpu_total"] = chunked.get("gpu_total")
+        if unchunked is not None and "error" not in unchunked:
+            row["unchunked_mb"] = unchunked["peak_delta"] / MB
+            row["unchunked_peak_abs_mb"] = unchunked["peak_abs"] / MB
+            row["chunked_s"] = unchunked["median"]["chunked"]
+            row["unchunked_s"] = unchunked["median"]["unchunked"]
+            row["time_samples"] = unchunked["times"]
+            v = unchunked["values"]
+            row["loss_rel_diff"] = abs(v["chunked"] - v["unchunked"]) / max(abs(v["unchunked"]),
+                                                                            1e-30)
+            if row["chunked_mb"] is not None:
+                row["memory_ratio"] = row["chunked_mb"] / max(row["unchunked_mb"], 1e-9)
+            row["time_ratio"] = row["chunked_s"] / row["unchunked_s"]
+        elif "error" not in chunked:
+            row["chunked_s"] = chunked["median"]["chunked"]
+            row["time_samples"] = chunked["times"]
+        rows.append(row)
+        print(f"  {point.label}: chunked {fmt_mb(row['chunked_mb'])} MB "
+              f"{fmt_ratio(row['chunked_s'])} s | unchunked "
+              + (status or f"{fmt_mb(row['unchunked_mb'])} MB {fmt_ratio(row['unchunked_s'])} s "
+                           f"| mem x{fmt_ratio(row['memory_ratio'], 3)} "
+                           f"time x{fmt_ratio(row['time_ratio'])}")
+              + f"  [{time.perf_counter() - t0:.0f} s]", flush=True)
+
+    elapsed = time.perf_counter() - t_start
+    md = table(rows)
+    verdicts = check_targets(rows, args.device)
+    threads = next((r["chunked_worker"].get("torch_threads") for r in rows
+                    if r.get("chunked_worker")), None)
+    header = (
+        f"# DSKD loss: chunked vs unchunked, {device_name}\n\n"
+        f"`python benchmarks/loss_memory.py --device {args.device}"
+        + (" --quick" if args.quick else "")
+        + (f" --chunk-size {args.chunk_size}" if args.chunk_size else "")
+        + (f" --chunk-elements {args.chunk_elements}" if args.chunk_elements else "")
+        + "`\n\n"
+        f"Student d_s={shape['d_s']}, teacher d_t={shape['d_t']}, {shape['dtype']}, batch "
+        f"{BATCH} x L, {PROMPT_SHARE:.0%} of each row an untrained prompt; same-vocab: "
+        f"V_s = V_t; CMA: V_s = {STUDENT_VOCAB}, teacher sequence {TEACHER_LENGTH_RATIO:.4f} x "
+        f"longer. LM heads frozen, gradients to the student hidden states and the projectors; "
+        f"forward_kl both spaces. torch {_torch_version()}, {threads} threads.\n\n"
+        "MB: peak " + ("RSS" if args.device == "cpu" else "CUDA allocated memory")
+        + " during one forward + backward of the loss, above the memory held before it (inputs "
+        "excluded), each implementation in a fresh process. s: median forward + backward time, "
+        "both implementations timed alternately in one process. Ratios: chunked / unchunked.\n\n"
+    )
+    text = header + md + "\n\n" + "\n".join(verdicts) + f"\n\nTotal benchmark time {elapsed:.0f} s.\n"
+    print()
+    print(md)
+    print()
+    for v in verdicts:
+        print(v)
+    print(f"total {elapsed:.0f} s")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "loss_memory.md").write_text(text)
+    (args.out / "loss_memory.json").write_text(
+        json.dumps(dict(meta=meta, total_s=elapsed, verdicts=verdicts, rows=rows), indent=1)
+    )
+    plot(rows, meta, args.out / "loss_memory.png")
+    print(f"wrote {args.out / 'loss_memory.md'}, loss_memory.json, loss_memory.png")
+    return 0
+
+
+def _torch_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("torch")
+    except Exception:  # pragma: no cover
+        return "?"
+
+
+def check_targets(rows: list[dict], device: str) -> list[str]:
+    out = []
+    t = CPU_TARGET
+    found = [r for r in rows if r["tokens"] == t["tokens"] and r["v_t"] == t["v_t"]
+             and r["variant"] == t["variant"]]
+    name = (f"CPU target ({t['tokens']} tokens = {BATCH} x {t['tokens'] // BATCH}, V_t "
+            f"{t['v_t']}, {t['variant']}, memory ratio <= {t['max_memory_ratio']}, time ratio <= "
+            f"{t['max_time_ratio']})")
+    if device != "cpu":
+        pass
+    elif not found or found[0]["memory_ratio"] is None:
+        out.append(f"{name}: NOT MEASURED")
+    else:
+        r = found[0]
+        ok_mem = r["memory_ratio"] <= t["max_memory_ratio"]
+        ok_time = r["time_ratio"] <= t["max_time_ratio"]
+        out.append(
+            f"{'PASS' if ok_mem and ok_time else 'FAIL'}: {name}: memory ratio "
+            f"{r['memory_ratio']:.3f} ({r['chunked_mb']:,.0f} / {r['unchunked_mb']:,.0f} MB) "
+            f"{'ok' if ok_mem else 'MISSED'}, time ratio {r['time_ratio']:.2f} "
+            f"({r['chunked_s']:.2f} / {r['unchunked_s']:.2f} s) {'ok' if ok_time else 'MISSED'}"
+        )
+    if device == "cuda":
+        c = CUDA_TARGET
+        found = [r for r in rows if r["tokens"] == c["tokens"] and r["v_t"] == c["v_t"]
+                 and r["chunked_mb"] is not None]
+        name = (f"CUDA target ({c['tokens']} tokens, V_t {c['v_t']}, chunked peak loss memory "
+                f"< {c['max_peak_mb']:,.0f} MB)")
+        if not found:
+            out.append(f"{name}: NOT MEASURED")
+        else:
+            worst = max(found, key=lambda r: r["chunked_mb"])
+            ok = worst["chunked_mb"] < c["max_peak_mb"]
+            detail = ", ".join(f"{r['variant']} {r['chunked_mb']:,.0f} MB" for r in found)
+            out.append(f"{'PASS' if ok else 'FAIL'}: {name}: {detail}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

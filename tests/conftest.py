@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny local models (no download) and a runner for Axolotl's real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+OFFLINE_ENV = {
+    "AXOLOTL_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(OFFLINE_ENV)
+
+# Everything Axolotl needs to train a LoRA student on a CPU; tests override what they test.
+CPU_LORA_BASE: dict[str, Any] = {
+    "datasets": None,  # set per test
+    "val_set_size": 0,
+    "sequence_len": 128,
+    "adapter": "lora",
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "lora_target_linear": True,
+    "lora_mlp_kernel": False,
+    "lora_qkv_kernel": False,
+    "lora_o_kernel": False,
+    "lora_embedding_kernel": False,
+    "micro_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 4,
+    "learning_rate": 1e-3,
+    "optimizer": "adamw_torch",
+    "lr_scheduler": "cosine",
+    "bf16": False,
+    "fp16": False,
+    "tf32": False,
+    "logging_steps": 1,
+    "save_steps": 2,
+    "seed": 42,
+    "dataloader_num_workers": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Teacher (Qwen2, BPE), same-vocab student (Llama, BPE), cross student (Llama,
+    sentencepiece-style) and an alpaca dataset, made once per session."""
+    from axolotl_dskd.tiny import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("tiny"))
+
+
+def dskd_config(assets: dict[str, Path], out: Path, *, student: str = "student", **overrides: Any) -> dict:
+    cfg = {
+        **CPU_LORA_BASE,
+        "base_model": str(assets[student]),
+        "plugins": ["axolotl_dskd.DSKDPlugin"],
+        "dskd_teacher": str(assets["teacher"]),
+        "dskd_teacher_load_in_4bit": True,
+        "datasets": [{"path": str(assets["data"]), "ds_type": "json", "type": "alpaca"}],
+        "output_dir": str(out / "output"),
+        "dataset_prepared_path": str(out / "prepared"),
+    }
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_train(
+    cfg: dict, workdir: Path, *, launcher: str = "python", timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run ``python -m axolotl.cli.train`` (or through ``accelerate launch``) on ``cfg``."""
+    config = write_config(cfg, workdir / "config.yml")
+    if launcher == "accelerate":
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "1",
+               "-m", "axolotl.cli.train", str(config)]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "axolotl.cli.train", str(config)]
+    proc = subprocess.run(
+        cmd, cwd=workdir, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    (workdir / "train.log").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
+def log_history(checkpoint: Path) -> list[dict]:
+    """The metrics the trainer logged, as saved in a checkpoint's trainer_state.json."""
+    return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+
+
+def training_logs(checkpoint: Path) -> list[dict]:
+    return [row for row in log_history(checkpoint) if "loss" in row]
