@@ -70,7 +70,9 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
     return n
 
 
-def clean(rows: Sequence[dict[str, Any]], max_prompt_tokens: int | None = None, tokenizer: Any = None) -> list[dict[str, str]]:
+def clean(
+    rows: Sequence[dict[str, Any]], max_prompt_tokens: int | None = None, tokenizer: Any = None
+) -> list[dict[str, str]]:
     """Alpaca rows kept for splitting: non-empty instruction and response, no exact duplicates,
     and (optionally) a prompt of at most ``max_prompt_tokens`` tokens, as MiniLLM filters."""
     seen: set[tuple[str, str, str]] = set()
@@ -97,7 +99,9 @@ def split(
     """Shuffle with a fixed seed; the first ``test_size`` rows are test, the next ``dev_size``
     dev, the rest train, so the splits are disjoint and reproducible."""
     if len(rows) <= dev_size + test_size:
-        raise ValueError(f"{len(rows)} rows after filtering; need more than dev {dev_size} + test {test_size}")
+        raise ValueError(
+            f"{len(rows)} rows after filtering; need more than dev {dev_size} + test {test_size}"
+        )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     shuffled = [rows[i] for i in order]
@@ -113,7 +117,11 @@ def _alpaca_only(row: dict[str, str]) -> dict[str, str]:
 
 
 def _test_row(row: dict[str, str]) -> dict[str, str]:
-    out = {"prompt": format_alpaca(row["instruction"], row["input"]), "output": row["output"], **_alpaca_only(row)}
+    out = {
+        "prompt": format_alpaca(row["instruction"], row["input"]),
+        "output": row["output"],
+        **_alpaca_only(row),
+    }
     if "category" in row:
         out["category"] = row["category"]
     return out
@@ -154,7 +162,8 @@ def convert(
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     """Command line entry; prints and returns the split sizes."""
     p = argparse.ArgumentParser(prog="python -m axolotl_dskd.dolly", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="databricks-dolly-15k.jsonl (instruction/context/response/category)")
+    p.add_argument("--input", required=True,
+                   help="databricks-dolly-15k.jsonl (instruction/context/response/category)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dev-size", type=int, default=DEV_SIZE)
@@ -165,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     args = p.parse_args(argv)
     counts = convert(args.input, args.out_dir, args.seed, args.dev_size, args.test_size,
                      args.max_prompt_tokens, args.tokenizer)
-    print(f"{counts['input']} rows read, {counts['kept']} kept: train {counts['train']}, dev {counts['dev']}, "
-          f"test {counts['test']} -> {args.out_dir}")
+    print(f"{counts['input']} rows read, {counts['kept']} kept: train {counts['train']}, "
+          f"dev {counts['dev']}, test {counts['test']} -> {args.out_dir}")
     return counts
 
 

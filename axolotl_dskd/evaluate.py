@@ -216,17 +216,24 @@ def load_model_and_tokenizer(
         load_kwargs["device_map"] = {"": dev.index if dev.index is not None else 0}
 
     adapter = is_adapter_dir(model_path)
-    info: dict[str, Any] = {"model": model_path, "adapter": adapter, "device": str(dev), "dtype": str(torch_dtype).removeprefix("torch.")}
+    info: dict[str, Any] = {
+        "model": model_path,
+        "adapter": adapter,
+        "device": str(dev),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+    }
     if adapter:
         cfg = json.loads((Path(model_path) / "adapter_config.json").read_text())
         base = base_model or cfg.get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{model_path}: adapter_config.json has no base_model_name_or_path; pass --base-model")
+            raise ValueError(
+                f"{model_path}: adapter_config.json has no base_model_name_or_path; pass --base-model"
+            )
         tok_src = model_path if _has_tokenizer(Path(model_path)) else base
         tokenizer = AutoTokenizer.from_pretrained(tok_src)
         model = AutoModelForCausalLM.from_pretrained(base, **load_kwargs)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter holds the rows
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, model_path)
@@ -338,7 +345,8 @@ def evaluate(
         gens[str(seed)] = generate(model, tokenizer, prompts, seed, sampling, batch_size, progress)
         sample_scores[str(seed)] = rouge_l(gens[str(seed)], refs)
         per_seed[str(seed)] = statistics.fmean(sample_scores[str(seed)])
-        LOG.info("seed %d: ROUGE-L %.2f (%d samples, %.1fs)", seed, per_seed[str(seed)], len(prompts), time.perf_counter() - t0)
+        LOG.info("seed %d: ROUGE-L %.2f (%d samples, %.1fs)",
+                 seed, per_seed[str(seed)], len(prompts), time.perf_counter() - t0)
     scores = list(per_seed.values())
     return {
         "per_seed": per_seed,
@@ -365,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="DSKD/MiniLLM evaluation: sampled responses, ROUGE-L x100, mean over seeds.",
     )
     p.add_argument("--model", required=True, help="full model dir/hub id, or LoRA adapter dir")
-    p.add_argument("--base-model", default=None, help="base for an adapter (default: its base_model_name_or_path)")
+    p.add_argument("--base-model", default=None,
+                   help="base for an adapter (default: its base_model_name_or_path)")
     p.add_argument("--data", required=True, help="JSONL with prompt/output or instruction/input/output rows")
     p.add_argument("--seeds", type=int, nargs="+", default=list(PAPER_SEEDS))
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -6,7 +6,6 @@ reported before a single weight is loaded; :func:`load_teacher` then loads the w
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -91,11 +90,13 @@ def inspect_teacher(
 
 
 def require_bitsandbytes(key: str) -> None:
-    if importlib.util.find_spec("bitsandbytes") is None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
         raise TeacherConfigError(
-            f"{key}: true needs bitsandbytes, which is not installed. "
+            f"{key}: true needs bitsandbytes, which cannot be imported ({exc}). "
             f"Run `pip install bitsandbytes` or set {key}: false."
-        )
+        ) from exc
 
 
 def quantization_config(

@@ -197,3 +197,300 @@ def _frequency_scores(pieces: list[str], corpus: Sequence[str]) -> list[tuple[st
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
     """A hash of everything that decides how ``tokenizer`` encodes and decodes."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ task
+
+WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
+TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+BASE_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
+    "Café, naïve, résumé, façade, jalapeño, Größe, Ærø, crème brûlée.",
+    "机器学习 知识蒸馏 学生 教师 模型 你好世界",
+    "Emoji: 🙂 🚀 🎉 👍🏽 and symbols © ® ™ € £ ¥",
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy "
+    "eighty ninety hundred plus minus times equals",
+    "user assistant system: Hello! How can I help you today? Answer the question.",
+]
+"""Alpaca template pieces and multilingual samples: tokenizers trained on the task see them too."""
+
+INSTRUCTION = "Add the two numbers."
+PROMPT_FORMAT = "{input} ="
+"""The prompt of a task row, as the YAML's ``format:`` gives it to Axolotl (``type:`` with
+``field_instruction`` / ``format``); the response is tokenized on its own and appended."""
+
+
+def number_words(n: int) -> str:
+    """English words for 0 <= n < 1000."""
+    if n < 20:
+        return WORDS[n]
+    if n < 100:
+        return TENS[n // 10 - 2] + ("" if n % 10 == 0 else "-" + WORDS[n % 10])
+    rest = n % 100
+    return WORDS[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+
+
+def addition_row(a: int, b: int, answer: int | None = None) -> dict[str, str]:
+    """One alpaca row: ``a plus b`` in words, answered ``answer`` (default: the right sum)."""
+    return {
+        "instruction": INSTRUCTION,
+        "input": f"{number_words(a)} plus {number_words(b)}",
+        "output": number_words(a + b if answer is None else answer),
+    }
+
+
+def arithmetic_rows(n: int, seed: int, max_operand: int = 50) -> list[dict[str, str]]:
+    """``n`` alpaca rows of the task, operands drawn uniformly below ``max_operand``."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(max_operand), rng.randrange(max_operand)
+        rows.append(addition_row(a, b))
+    return rows
+
+
+def task_corpus(n: int = 400, seed: int = 0, max_operand: int = 50) -> list[str]:
+    """Text for tokenizer training: the template, multilingual samples, and task rows written
+    the two ways Axolotl tokenizes them (alpaca text; a prompt, then its response on its own)."""
+    rows = arithmetic_rows(n, seed, max_operand)
+    lines = [f"{r['instruction']} {r['input']} {r['output']}" for r in rows]
+    lines += [PROMPT_FORMAT.format(**r) for r in rows] + [r["output"] for r in rows]
+    return BASE_CORPUS * 20 + lines
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def tiny_model(
+    family: Literal["llama", "qwen2"],
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    *,
+    intermediate_size: int | None = None,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+) -> PreTrainedModel:
+    """A random-weight causal LM for ``tokenizer``, with untied LM head (same ``seed``, same
+    weights)."""
+    import torch
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    return Qwen2ForCausalLM(Qwen2Config(**common))
+
+
+def save_pair(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------- tokenizing as Axolotl does
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, row: dict[str, str], fmt: str = PROMPT_FORMAT) -> list[int]:
+    """The prompt's ids as Axolotl's instruction datasets make them: the formatted prompt with
+    the tokenizer's special tokens (a BOS where it adds one), no EOS."""
+    return list(tokenizer(fmt.format(**row))["input_ids"])
+
+
+def encode_answer(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    """The response's ids as Axolotl appends them: tokenized on its own, BOS stripped, EOS added."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids + [tokenizer.eos_token_id]
+
+
+def encode_row(
+    tokenizer: PreTrainedTokenizerFast, row: dict[str, str], fmt: str = PROMPT_FORMAT
+) -> tuple[list[int], list[int]]:
+    """``input_ids`` and ``labels`` (prompt masked with -100) of one row."""
+    prompt, answer = encode_prompt(tokenizer, row, fmt), encode_answer(tokenizer, row["output"])
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def _pad_batch(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int):  # -> dict of tensors
+    import torch
+
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (x, y) in enumerate(pairs):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerFast) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def train_causal_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    rows: Sequence[dict[str, str]],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    weight_decay: float = 0.01,
+    warmup: int = 50,
+    seed: int = 0,
+    fmt: str = PROMPT_FORMAT,
+    log: Callable[[str], None] | None = print,
+    log_every: int = 100,
+) -> list[float]:
+    """Full fine-tuning with a plain torch loop (AdamW, linear warmup, cosine decay), on the
+    response tokens only; rows are shuffled each epoch. Returns the loss of every step."""
+    import torch
+
+    encoded = [encode_row(tokenizer, r, fmt) for r in rows]
+    pad = _pad_id(tokenizer)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    model.train()
+    order: list[int] = []
+    losses: list[float] = []
+    start = time.time()
+    for step in range(steps):
+        if len(order) < batch_size:
+            more = list(range(len(encoded)))
+            rng.shuffle(more)
+            order += more
+        batch = _pad_batch([encoded[i] for i in order[:batch_size]], pad)
+        del order[:batch_size]
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if log and ((step + 1) % log_every == 0 or step + 1 == steps):
+            recent = losses[-log_every:]
+            log(
+                f"  step {step + 1}/{steps}  loss {sum(recent) / len(recent):.4f}  "
+                f"({time.time() - start:.0f}s)"
+            )
+    model.eval()
+    return losses
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class TaskScores:
+    exact_match: float
+    """Greedy answers equal to the reference, as text (whitespace-stripped)."""
+    token_nll: float
+    """Mean negative log-likelihood (nats) of the reference's tokens (EOS included)."""
+    answer_nll: float
+    """Mean total NLL of a reference answer: comparable across tokenizers."""
+    n: int
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+def evaluate_task(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    rows: Sequence[dict[str, str]],
+    *,
+    fmt: str = PROMPT_FORMAT,
+    batch_size: int = 64,
+    max_new_tokens: int = 12,
+    keep_examples: int = 5,
+) -> TaskScores:
+    """Greedy exact match and answer NLL of ``model`` on ``rows`` (prompts as Axolotl makes them)."""
+    import torch
+
+    model.eval()
+    pad = _pad_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    correct, nll_sum, n_tokens, examples = 0, 0.0, 0, []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            # answer NLL, teacher-forced (right padding)
+            batch = _pad_batch([encode_row(tokenizer, r, fmt) for r in chunk], pad)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+            mask = targets != -100
+            token_logp = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+            nll_sum += float(-(token_logp * mask).sum())
+            n_tokens += int(mask.sum())
+            # greedy decoding (left padding), stopped at EOS
+            prompts = [encode_prompt(tokenizer, r, fmt) for r in chunk]
+            width = max(map(len, prompts))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )[:, width:]
+            for row, gen in zip(chunk, out.tolist()):
+                if eos in gen:
+                    gen = gen[: gen.index(eos)]
+                text = tokenizer.decode(gen, skip_special_tokens=True).strip()
+                correct += text == row["output"].strip()
+                if len(examples) < keep_examples:
+                    examples.append({"prompt": fmt.format(**row), "reference": row["output"], "greedy": text})
+    n = len(rows)
+    return TaskScores(
+        exact_match=correct / max(n, 1),
+        token_nll=nll_sum / max(n_tokens, 1),
+        answer_nll=nll_sum / max(n, 1),
+        n=n,
+        examples=examples,
+    )

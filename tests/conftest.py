@@ -57,9 +57,26 @@ CPU_LORA_BASE: dict[str, Any] = {
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Teacher (Qwen2, BPE), same-vocab student (Llama, BPE), cross student (Llama,
     sentencepiece-style) and an alpaca dataset, made once per session."""
-    from axolotl_dskd.tiny import make_assets
+    from axolotl_dskd.tiny import (
+        arithmetic_rows,
+        bpe_tokenizer,
+        save_pair,
+        sentencepiece_tokenizer,
+        task_corpus,
+        tiny_model,
+        write_jsonl,
+    )
 
-    return make_assets(tmp_path_factory.mktemp("tiny"))
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = task_corpus()
+    bpe, sp = bpe_tokenizer(corpus), sentencepiece_tokenizer(corpus)
+    return {
+        # bitsandbytes' CPU 4-bit kernels need in_features divisible by 64
+        "teacher": save_pair(tiny_model("qwen2", bpe, hidden_size=128), bpe, root / "teacher"),
+        "student": save_pair(tiny_model("llama", bpe, seed=1), bpe, root / "student"),
+        "student_sp": save_pair(tiny_model("llama", sp, seed=2), sp, root / "student_sp"),
+        "data": write_jsonl(arithmetic_rows(64, seed=0), root / "data" / "arithmetic.jsonl"),
+    }
 
 
 def dskd_config(assets: dict[str, Path], out: Path, *, student: str = "student", **overrides: Any) -> dict:

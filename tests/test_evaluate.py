@@ -16,9 +16,12 @@ import torch
 
 from axolotl_dskd import dolly
 from axolotl_dskd.evaluate import (
+    SamplingConfig,
     format_alpaca,
+    generate,
     is_adapter_dir,
     load_examples,
+    load_model_and_tokenizer,
     main,
     rouge_l,
 )
@@ -29,7 +32,7 @@ WORDY = " ".join(BASE_CORPUS)
 ROWS = [
     {"prompt": "Add the two numbers.\nthree plus four\n", "output": WORDY},
     {"instruction": "Add the two numbers.", "input": "ten plus two", "output": "twelve"},
-    {"instruction": "Name a colour of the sky.", "output": "blue"},
+    {"instruction": "Name a colour of the sky.", "output": ["blue", WORDY]},
     {"instruction": "Say hello.", "input": "", "output": ["hello", "hi there"]},
 ]
 MAX_NEW = 12
@@ -72,7 +75,8 @@ def run(assets: dict[str, Path], model: Path, seeds: list[int], name: str, *extr
     out = assets["root"] / f"{name}.json"
     result = main([
         "--model", str(model), "--data", str(assets["data"]), "--seeds", *map(str, seeds),
-        "--max-new-tokens", str(MAX_NEW), "--batch-size", "3", "--device", "cpu", "--out", str(out), *extra,
+        "--max-new-tokens", str(MAX_NEW), "--batch-size", "3", "--device", "cpu",
+        "--out", str(out), *extra,
     ])
     written = json.loads(out.read_text(encoding="utf-8"))
     assert written == json.loads(json.dumps(result))  # the file is what main returned
@@ -150,7 +154,8 @@ def check_result(res: dict, seeds: list[int]) -> None:
         assert all(isinstance(g, str) for g in item["generations"].values())
     # the per-seed score is the mean of the per-sample scores
     for s in res["per_seed"]:
-        assert res["per_seed"][s] == pytest.approx(statistics.fmean(g["rougeL"][s] for g in res["generations"]))
+        per_sample = [g["rougeL"][s] for g in res["generations"]]
+        assert res["per_seed"][s] == pytest.approx(statistics.fmean(per_sample))
     cfg = res["config"]
     assert cfg["sampling"] == {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0,
                                "no_repeat_ngram_size": 6, "max_new_tokens": MAX_NEW}
@@ -183,8 +188,20 @@ def test_adapter(assets: dict[str, Path], full_run: dict, adapter_run: dict) -> 
     assert gens(adapter_run, 10) != gens(adapter_run, 20)
     assert gens(adapter_run, 10) != gens(full_run, 10)  # the LoRA weights are applied
     # --base-model overrides adapter_config.json's base, same weights -> same samples
-    again = run(assets, assets["adapter"], [10], "adapter_again", "--base-model", str(assets["full"]), "--limit", "4")
+    again = run(assets, assets["adapter"], [10], "adapter_again",
+                "--base-model", str(assets["full"]), "--limit", "4")
     assert gens(again, 10) == gens(adapter_run, 10)
+
+
+def test_checkpoint_sampling_defaults_do_not_leak(assets: dict[str, Path]) -> None:
+    """A checkpoint's generation_config (e.g. Llama 2's temperature 0.6, top_p 0.9) must not
+    change the paper's sampling: transformers would fill every unset field from it."""
+    model, tok, _ = load_model_and_tokenizer(str(assets["full"]), device="cpu")
+    prompts = [e.prompt for e in load_examples(assets["data"])]
+    plain = generate(model, tok, prompts, 10, SamplingConfig(max_new_tokens=8), 2, progress=False)
+    cfg = model.generation_config
+    cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty, cfg.min_p = 0.05, 0.5, 3, 5.0, 0.3
+    assert generate(model, tok, prompts, 10, SamplingConfig(max_new_tokens=8), 2, progress=False) == plain
 
 
 # --------------------------------------------------------------------------- Dolly
@@ -210,15 +227,16 @@ def test_dolly_split(tmp_path: Path) -> None:
     counts = dolly.main(["--input", str(src), "--out-dir", str(tmp_path / "out")])
     assert counts == {"input": 1600, "kept": 1600, "train": 100, "dev": 1000, "test": 500}
 
-    read = lambda name: [json.loads(l) for l in (tmp_path / "out" / name).read_text().splitlines()]  # noqa: E731
+    def read(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "out" / name).read_text().splitlines()]
+
     train, dev, test = read("train.jsonl"), read("dev.jsonl"), read("test.jsonl")
     assert (len(train), len(dev), len(test)) == (100, 1000, 500)
     for row in train + dev:
         assert set(row) == {"instruction", "input", "output"}
-    key = lambda r: r["instruction"]  # noqa: E731  (unique per synthetic row)
-    assert not ({*map(key, train)} & {*map(key, dev)} or {*map(key, train)} & {*map(key, test)}
-                or {*map(key, dev)} & {*map(key, test)})
-    assert {*map(key, train + dev + test)} == {r["instruction"] for r in rows}
+    ids = [{r["instruction"] for r in part} for part in (train, dev, test)]  # unique per synthetic row
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert ids[0] | ids[1] | ids[2] == {r["instruction"] for r in rows}
 
     by_instruction = {r["instruction"]: r for r in rows}
     for row in train + dev + test:
@@ -241,14 +259,16 @@ def test_dolly_split(tmp_path: Path) -> None:
 
 def test_dolly_filters(tmp_path: Path, assets: dict[str, Path]) -> None:
     rows = dolly_rows(1600)
-    rows += [dict(rows[0]), {**rows[1], "response": "  "}, {**rows[2], "instruction": ""}]  # dup, empty, empty
+    # an exact duplicate, an empty response, an empty instruction: all dropped
+    rows += [dict(rows[0]), {**rows[1], "response": "  "}, {**rows[2], "instruction": ""}]
     rows[5] = {**rows[5], "instruction": "  padded  ", "response": "\nspaced\n"}
     rows[6] = {**rows[6], "context": "word " * 300}  # a long prompt
     src = tmp_path / "dolly.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     counts = dolly.convert(src, tmp_path / "a")
     assert counts["input"] == 1603 and counts["kept"] == 1600
-    out = [json.loads(l) for n in ("train", "dev", "test") for l in (tmp_path / "a" / f"{n}.jsonl").read_text().splitlines()]
+    out = [json.loads(line) for n in ("train", "dev", "test")
+           for line in (tmp_path / "a" / f"{n}.jsonl").read_text().splitlines()]
     assert {"instruction": "padded", "input": "", "output": "spaced"} in [
         {k: r[k] for k in ("instruction", "input", "output")} for r in out]
     # MiniLLM's prompt-length filter, counted with the student's tokenizer

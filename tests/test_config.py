@@ -1,0 +1,168 @@
+"""The plugin's YAML keys through Axolotl's own config loading: what validates, what is refused
+(before any model loads) and with which message, and the example configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import OFFLINE_ENV, dskd_config, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_manager():
+    """Axolotl's plugin manager is a process-wide singleton; each test loads one config."""
+    from axolotl.integrations.base import PluginManager
+
+    PluginManager.get_instance().plugins.clear()
+    yield
+    PluginManager.get_instance().plugins.clear()
+
+
+def load(cfg: dict, tmp_path: Path):
+    """Axolotl's `load_cfg`: registers the plugins and validates, loading no weights."""
+    from axolotl.cli.config import load_cfg
+
+    return load_cfg(str(write_config(cfg, tmp_path / "config.yml")))
+
+
+def refused(cfg: dict, tmp_path: Path) -> str:
+    with pytest.raises(Exception) as info:
+        load(cfg, tmp_path)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("spelling", ["axolotl_dskd.DSKDPlugin", "axolotl_dskd"])
+def test_both_plugin_spellings_keep_the_dskd_keys(assets, tmp_path, spelling):
+    cfg = load(dskd_config(assets, tmp_path, plugins=[spelling], dskd_kd_rate=0.3), tmp_path)
+    assert cfg.dskd_teacher == str(assets["teacher"])
+    assert cfg.dskd_kd_rate == 0.3
+    assert cfg.dskd_cross_tokenizer is False  # auto, same tokenizer
+
+
+def test_bare_name_alias_can_be_turned_off(assets, tmp_path):
+    """With AXOLOTL_DSKD_NO_ALIAS=1 Axolotl's own loader sees the bare name (and fails)."""
+    config = write_config(dskd_config(assets, tmp_path, plugins=["axolotl_dskd"]), tmp_path / "c.yml")
+    code = "from axolotl.cli.config import load_cfg; import sys; load_cfg(sys.argv[1])"
+    env = {**OFFLINE_ENV, "AXOLOTL_DSKD_NO_ALIAS": "1", "PATH": "/usr/bin:/bin"}
+    off = subprocess.run([sys.executable, "-c", code, str(config)], env=env, capture_output=True, text=True)
+    assert off.returncode != 0
+    env.pop("AXOLOTL_DSKD_NO_ALIAS")
+    on = subprocess.run([sys.executable, "-c", code, str(config)], env=env, capture_output=True, text=True)
+    assert on.returncode == 0, on.stderr[-3000:]
+
+
+def test_auto_picks_cross_model_attention_for_different_vocabularies(assets, tmp_path):
+    cfg = load(dskd_config(assets, tmp_path, student="student_sp"), tmp_path)
+    assert cfg.dskd_cross_tokenizer is True
+
+
+def test_equal_sized_vocabularies_with_different_tokens_are_different(assets, tmp_path):
+    """Same size, different token-to-id map (two ids swapped): a different vocabulary, so CMA."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from axolotl_dskd.teacher import same_vocabulary
+
+    student = tmp_path / "swapped_student"
+    shutil.copytree(assets["student"], student)
+    spec = json.loads((student / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[100], list(vocab)[200]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (student / "tokenizer.json").write_text(json.dumps(spec))
+    swapped, teacher = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(assets["teacher"])
+    assert len(swapped) == len(teacher) and not same_vocabulary(swapped, teacher)
+    cfg = load({**dskd_config(assets, tmp_path), "base_model": str(student)}, tmp_path)
+    assert cfg.dskd_cross_tokenizer is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"dskd_teacher": "/nonexistent/teacher"}, "dskd_teacher"),
+        ({"dskd_teacher_load_in_8bit": True}, "dskd_teacher_load_in_8bit"),
+        ({"dskd_divergence": "kl"}, "dskd_divergence"),
+        ({"dskd_teacher_space_divergence": "tvd"}, "dskd_teacher_space_divergence"),
+        ({"dskd_kd_rate": 1.5}, "dskd_kd_rate"),
+        ({"dskd_temperature": 0}, "dskd_temperature"),
+        ({"dskd_skew_lambda": 1.0}, "dskd_skew_lambda"),
+        ({"dskd_chunk_size": 0}, "dskd_chunk_size"),
+        ({"dskd_teacher_tokenizer": "/nonexistent/tok"}, "dskd_teacher_tokenizer"),
+        ({"sequence_len": 1024}, "sequence_len"),  # the tiny teacher's context is 512
+        ({"dskd_method": "vanilla_kd", "student": "student_sp"}, "dskd_method"),
+        ({"dskd_cross_tokenizer": False, "student": "student_sp"}, "dskd_cross_tokenizer"),
+    ],
+)
+def test_bad_settings_are_refused_naming_the_key(assets, tmp_path, overrides, expected):
+    overrides = dict(overrides)
+    student = overrides.pop("student", "student")
+    message = refused(dskd_config(assets, tmp_path, student=student, **overrides), tmp_path)
+    assert expected in message, message
+
+
+def test_missing_bitsandbytes_is_refused_before_loading(assets, tmp_path):
+    """A 4-bit teacher without an importable bitsandbytes stops at validation."""
+    shadow = tmp_path / "shadow" / "bitsandbytes"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('bitsandbytes is not installed')\n")
+    config = write_config(dskd_config(assets, tmp_path), tmp_path / "c.yml")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]);"
+        "from axolotl_dskd.validation import check_teacher_setup;"
+        "from axolotl_dskd.teacher import require_bitsandbytes;"
+        "require_bitsandbytes('dskd_teacher_load_in_4bit')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(config), str(tmp_path / "shadow")],
+        env=OFFLINE_ENV | {"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "dskd_teacher_load_in_4bit" in proc.stderr and "pip install bitsandbytes" in proc.stderr
+
+
+def test_without_dskd_teacher_the_plugin_does_nothing(assets, tmp_path):
+    cfg = dskd_config(assets, tmp_path)
+    for key in [k for k in cfg if k.startswith("dskd_")]:
+        cfg.pop(key)
+    loaded = load(cfg, tmp_path)
+    from axolotl.integrations.base import PluginManager
+
+    plugin = PluginManager.get_instance().plugins["axolotl_dskd.DSKDPlugin"]
+    assert plugin.get_trainer_cls(loaded) is None
+    assert plugin.get_collator_cls_and_kwargs(loaded) is None
+
+
+EXAMPLES = sorted(p for p in (REPO / "example_configs").glob("*.yml") if p.name != "quickstart.yml")
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_configs_validate(assets, tmp_path, example):
+    """Every example validates with its own keys; only the hub ids (not downloadable here)
+    and the GPU-only switches are pointed at tiny local stand-ins."""
+    cfg = yaml.safe_load(example.read_text())
+    assert cfg["plugins"][0].startswith("axolotl_dskd")
+    cfg.update(
+        base_model=str(assets["student_sp"]),
+        dskd_teacher=str(assets["teacher"]),
+        datasets=[{"path": str(assets["data"]), "ds_type": "json", "type": "alpaca"}],
+        output_dir=str(tmp_path / "out"),
+        dataset_prepared_path=str(tmp_path / "prepared"),
+        bf16=False,
+        optimizer="adamw_torch",
+        sequence_len=min(cfg["sequence_len"], 512),
+    )
+    cfg.pop("test_datasets", None)
+    loaded = load(cfg, tmp_path)
+    assert loaded.dskd_cross_tokenizer is True
+    for key, value in yaml.safe_load(example.read_text()).items():
+        if key.startswith("dskd_") and key not in ("dskd_teacher", "dskd_cross_tokenizer"):
+            assert loaded[key] == value, key
