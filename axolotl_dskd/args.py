@@ -52,6 +52,10 @@ class DSKDArgs(BaseModel):
         default=None, description="Projectors to start from (a .safetensors file or a folder)."
     )
     dskd_chunk_size: int | None = Field(default=None, ge=1)
+    dskd_on_nonfinite: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="A NaN/inf loss term stops the run naming the term and step, or skips the micro-batch.",
+    )
     dskd_compile: bool = False
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from axolotl.integrations.base import BasePlugin
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, TrainingArguments, set_seed
 
 from axolotl_dskd.loss import DSKDLossConfig, Projectors
 from axolotl_dskd.models import causal_lm
@@ -50,6 +50,21 @@ def loss_config(cfg: Any) -> DSKDLossConfig:
         chunk_size=cfg.dskd_chunk_size,
         compile=cfg.dskd_compile,
     )
+
+
+def warn_special_token_differences(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """Once per run: markers one model reads as control tokens and the other as text."""
+    from axolotl_dskd.teacher_tokens import special_token_differences
+
+    notes = special_token_differences(student_tokenizer, teacher_tokenizer)
+    if notes:
+        LOG.warning(
+            "DSKD: the two tokenizations of a text can differ in meaning, not only in ids: %s. "
+            "For example a chat-template sample containing such a marker is one control token "
+            "for one model and several characters of text for the other. Distillation still "
+            "runs; prefer data without these markers, or templates both models know.",
+            "; ".join(notes),
+        )
 
 
 def _teacher_tokenizer(cfg: Any):  # type: ignore[no-untyped-def]
@@ -97,6 +112,12 @@ class DSKDPlugin(BasePlugin):
         )
         return collator_class(cfg, is_eval), {"teacher_tokens": builder}
 
+    def pre_model_load(self, cfg: Any) -> None:
+        """Seed before the student (and its LoRA) is built: Axolotl seeds only when the trainer
+        exists, so two runs with one ``seed`` would start from different adapter weights."""
+        if cfg.dskd_teacher:
+            set_seed(cfg.seed if cfg.seed is not None else TrainingArguments.seed)
+
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         from axolotl_dskd.trainer import DSKDTrainer
 
@@ -108,6 +129,8 @@ class DSKDPlugin(BasePlugin):
             "cross-tokenizer, cross-model attention (CMA)" if config.cross_tokenizer else "same vocabulary",
             cfg.dskd_teacher,
         )
+        if config.cross_tokenizer:
+            warn_special_token_differences(trainer.processing_class, _teacher_tokenizer(cfg))
         teacher = load_teacher(
             cfg.dskd_teacher,
             device=trainer.args.device,
@@ -127,7 +150,9 @@ class DSKDPlugin(BasePlugin):
             if cfg.dskd_projectors:
                 load_projectors(projectors, cfg.dskd_projectors, key="dskd_projectors")
                 LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
-        trainer.attach_teacher(teacher, projectors, config, cfg.dskd_projector_lr, cfg.dskd_method)
+        trainer.attach_teacher(
+            teacher, projectors, config, cfg.dskd_projector_lr, cfg.dskd_method, cfg.dskd_on_nonfinite
+        )
         self._trainer = trainer
 
     def post_train(self, cfg: Any, model: Any) -> None:

@@ -46,7 +46,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "RoundTripStats", "TeacherTokenBuilder", "sample_segments"]
+__all__ = [
+    "IGNORE_INDEX",
+    "RoundTripStats",
+    "TeacherTokenBuilder",
+    "sample_segments",
+    "special_token_differences",
+]
 
 IGNORE_INDEX = -100
 _REPLACEMENT = "\ufffd"
@@ -467,3 +473,29 @@ class TeacherTokenBuilder:
             t_pos += range(len(s_ids))
             t_seg += [seg] * len(s_ids)
         return t_ids, t_labels, t_pos, t_seg
+
+
+def special_token_differences(student_tokenizer: Any, teacher_tokenizer: Any) -> list[str]:
+    """Control tokens of one model that are plain text to the other, each with an example.
+
+    BOS, EOS, pad and unk are mapped or dropped by the builder; any other special token (chat
+    markers) keeps its text, so a marker the other model reads as ordinary characters changes
+    what the two models see, not only the ids.
+    """
+    mapped = {"bos_token", "eos_token", "pad_token", "unk_token"}
+    notes = []
+    for side, this, other in (("student", student_tokenizer, teacher_tokenizer),
+                              ("teacher", teacher_tokenizer, student_tokenizer)):  # fmt: skip
+        skip = {getattr(this, attr, None) for attr in mapped}
+        for token in this.all_special_tokens:
+            if token in skip:
+                continue
+            ids = other.encode(token, add_special_tokens=False)
+            if len(ids) == 1 and ids[0] in other.all_special_ids:
+                continue
+            pieces = other.convert_ids_to_tokens(ids)
+            notes.append(
+                f"the {side}'s special token {token!r} is plain text to the other model "
+                f"({len(ids)} tokens: {pieces})"
+            )
+    return notes

@@ -2,12 +2,15 @@
 
 The projectors live beside the model, not in it, so the student's saved weights stay a plain
 model; they get their own optimizer group (``dskd_projector_lr``, same schedule) and are saved
-into every checkpoint and restored on resume.
+into every checkpoint and restored on resume. The trainer zeroes only the model's gradients
+after each optimizer step, so a callback zeroes the projectors' too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 from dataclasses import asdict
 from typing import Any
@@ -15,11 +18,13 @@ from typing import Any
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
+from transformers import TrainerCallback
 from typing_extensions import override
 
 from axolotl_dskd.loss import (
     METRIC_NAMES,
     DSKDLossConfig,
+    DSKDLossOutput,
     Projectors,
     dskd_loss,
     vanilla_kd_loss,
@@ -38,6 +43,29 @@ TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels",
 SEGMENT_KEYS = ("student_segment_ids", "teacher_segment_ids")
 
 
+@contextlib.contextmanager
+def explain_out_of_memory():
+    """Re-raise an out-of-memory error in distillation with the settings that lower memory."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise torch.OutOfMemoryError(
+            f"{exc}\nDSKD ran out of memory in the student/teacher forward or the loss. Lower "
+            "dskd_chunk_size (tokens per vocabulary chunk), micro_batch_size or sequence_len, "
+            "or load the teacher with dskd_teacher_load_in_4bit: true."
+        ) from exc
+
+
+class ZeroProjectorGrads(TrainerCallback):
+    """Clear the projectors' gradients after every optimizer step (skipped steps included)."""
+
+    def __init__(self, projectors: Projectors) -> None:
+        self.projectors = projectors
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.projectors.zero_grad(set_to_none=True)
+
+
 class DSKDTrainer(AxolotlTrainer):
     """AxolotlTrainer whose loss is DSKD against a frozen teacher (see ``attach_teacher``)."""
 
@@ -46,6 +74,8 @@ class DSKDTrainer(AxolotlTrainer):
     loss_config: DSKDLossConfig | None = None
     projector_lr: float = 1e-3
     method: str = "dskd"
+    on_nonfinite: str = "stop"
+    nonfinite_skipped: int = 0
 
     def attach_teacher(
         self,
@@ -54,6 +84,7 @@ class DSKDTrainer(AxolotlTrainer):
         loss_config: DSKDLossConfig,
         projector_lr: float,
         method: str = "dskd",
+        on_nonfinite: str = "stop",
     ) -> None:
         """Distill from ``teacher`` from now on; called once, before training starts.
 
@@ -64,6 +95,9 @@ class DSKDTrainer(AxolotlTrainer):
         self.loss_config = loss_config
         self.projector_lr = projector_lr
         self.method = method
+        self.on_nonfinite = on_nonfinite
+        if self.projectors is not None:
+            self.add_callback(ZeroProjectorGrads(self.projectors))
         # the loss is a sum over tokens divided by the trainer's global token count
         self.model_accepts_loss_kwargs = True
 
@@ -95,8 +129,30 @@ class DSKDTrainer(AxolotlTrainer):
         labels = inputs.pop("labels")
         inputs.pop("num_items_in_batch", None)
 
+        with explain_out_of_memory():
+            out = self._distill(model, inputs, labels, teacher_inputs, segments, num_items_in_batch)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            loss = self._non_finite(out)
+        else:
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            self._store_dskd_metrics(out.metrics, num_items_in_batch, labels)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _distill(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        labels: Tensor,
+        teacher_inputs: dict[str, Tensor],
+        segments: dict[str, Tensor],
+        num_items_in_batch: Tensor | int | None,
+    ) -> DSKDLossOutput:
         student_hidden = final_hidden_states(model, **inputs)
-        teacher_hidden = teacher_hidden_states(self.teacher, **self._teacher_forward_inputs(inputs, teacher_inputs))
+        teacher_hidden = teacher_hidden_states(
+            self.teacher, **self._teacher_forward_inputs(inputs, teacher_inputs)
+        )
         common = dict(
             student_hidden=student_hidden,
             student_lm_head=lm_head_weight(model),
@@ -107,9 +163,9 @@ class DSKDTrainer(AxolotlTrainer):
             num_items=num_items_in_batch,
         )
         if self.method == "vanilla_kd":
-            out = vanilla_kd_loss(**common)
-        elif self.loss_config.cross_tokenizer:
-            out = dskd_loss(
+            return vanilla_kd_loss(**common)
+        if self.loss_config.cross_tokenizer:
+            return dskd_loss(
                 self.projectors,
                 **common,
                 teacher_labels=teacher_inputs["teacher_labels"],
@@ -119,13 +175,23 @@ class DSKDTrainer(AxolotlTrainer):
                 teacher_embeddings=input_embedding_weight(self.teacher),
                 **segments,
             )
-        else:
-            out = dskd_loss(self.projectors, **common, teacher_labels=labels)
-        loss = out.loss
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        self._store_dskd_metrics(out.metrics, num_items_in_batch, labels)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        return dskd_loss(self.projectors, **common, teacher_labels=labels)
+
+    def _non_finite(self, out: DSKDLossOutput) -> Tensor:
+        """Stop, naming the term and the step, or skip this micro-batch (``dskd_on_nonfinite``)."""
+        terms = ("ce", "kd_student", "t2s_ce", "kd_teacher")
+        bad = [name for name in terms if not math.isfinite(float(out.metrics[name]))]
+        where = f"{', '.join(bad) or 'the total'} at step {self.state.global_step + 1}"
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"DSKD: non-finite {where}. Common causes: fp16 overflow in the models, a diverging "
+                "learning rate, a broken teacher. Set dskd_on_nonfinite: skip to skip such steps."
+            )
+        self.nonfinite_skipped += 1
+        LOG.warning("DSKD: non-finite %s; micro-batch skipped (%d so far)", where, self.nonfinite_skipped)
+        self.store_metrics({"dskd/nonfinite_skipped": (self.nonfinite_skipped, "max")})
+        # a fresh zero: no gradient at all flows from this micro-batch (0 * nan would be nan)
+        return torch.zeros((), device=out.loss.device, requires_grad=True)
 
     def _teacher_forward_inputs(
         self, inputs: dict[str, Tensor], teacher_inputs: dict[str, Tensor]
@@ -156,6 +222,8 @@ class DSKDTrainer(AxolotlTrainer):
             f"{prefix}{name}": float(metrics[name]) * (1.0 if name == "t2s_acc" else scale)
             for name in METRIC_NAMES
         }
+        if self.nonfinite_skipped:
+            values[f"{prefix}nonfinite_skipped"] = (self.nonfinite_skipped, "max")
         self.store_metrics(values, train_eval="train" if self.model.training else "eval")
 
     def projector_metadata(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ os.environ.update(OFFLINE_ENV)
 CPU_LORA_BASE: dict[str, Any] = {
     "datasets": None,  # set per test
     "val_set_size": 0,
-    "sequence_len": 128,
+    "sequence_len": 256,  # the sentencepiece student spends ~130 tokens on an alpaca row
     "adapter": "lora",
     "lora_r": 8,
     "lora_alpha": 16,
@@ -99,22 +99,33 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+def _train_command(cfg: dict, workdir: Path, launcher: str) -> list[str]:
+    config = write_config(cfg, workdir / "config.yml")
+    if launcher == "accelerate":
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
+        return [accelerate, "launch", "--num_processes", "1", "-m", "axolotl.cli.train", str(config)]
+    return [sys.executable, "-m", "axolotl.cli.train", str(config)]
+
+
 def run_train(
     cfg: dict, workdir: Path, *, launcher: str = "python", timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """Run ``python -m axolotl.cli.train`` (or through ``accelerate launch``) on ``cfg``."""
-    config = write_config(cfg, workdir / "config.yml")
-    if launcher == "accelerate":
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "1",
-               "-m", "axolotl.cli.train", str(config)]  # fmt: skip
-    else:
-        cmd = [sys.executable, "-m", "axolotl.cli.train", str(config)]
     proc = subprocess.run(
-        cmd, cwd=workdir, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True,
-        timeout=timeout,
+        _train_command(cfg, workdir, launcher), cwd=workdir, env={**os.environ, **OFFLINE_ENV},
+        capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     (workdir / "train.log").write_text(proc.stdout + proc.stderr)
     return proc
+
+
+def start_train(cfg: dict, workdir: Path) -> subprocess.Popen:
+    """Start a training run in the background (its output goes to train.log)."""
+    log = open(workdir / "train.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        _train_command(cfg, workdir, "python"), cwd=workdir, env={**os.environ, **OFFLINE_ENV},
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -4,14 +4,14 @@ quantized by bitsandbytes on the CPU, a LoRA (or full) student."""
 from __future__ import annotations
 
 import json
-import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_ok, dskd_config, run_train, training_logs
+from tests.conftest import assert_ok, dskd_config, run_train, start_train, training_logs
 
 pytestmark = pytest.mark.e2e
 
@@ -22,40 +22,80 @@ def _losses(checkpoint: Path) -> dict[int, float]:
     return {row["step"]: float(row["loss"]) for row in training_logs(checkpoint)}
 
 
-def test_same_vocab_lora_run_logs_metrics_and_saves_projectors(assets, tmp_path):
-    """The canonical plugin name, a 4-bit teacher: every DSKD term is logged, projectors land in
-    every checkpoint and in output_dir with their shapes, and resume continues the loss curve."""
-    cfg = dskd_config(assets, tmp_path, max_steps=6, save_steps=3)
-    assert_ok(run_train(cfg, tmp_path))
-    out = tmp_path / "output"
-    logs = training_logs(out / "checkpoint-6")
-    assert len(logs) == 6
+STEPS, SAVE_EVERY = 24, 8
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    """A same-vocabulary LoRA run with the canonical plugin name and a 4-bit teacher."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    assert_ok(run_train(dskd_config(assets, workdir, max_steps=STEPS, save_steps=SAVE_EVERY), workdir))
+    return workdir / "output"
+
+
+def test_run_logs_every_dskd_term_and_saves_projectors(uninterrupted):
+    """Every DSKD term is logged each step; projectors land in every checkpoint and in
+    output_dir with their shapes, and they train."""
+    out = uninterrupted
+    logs = training_logs(out / f"checkpoint-{STEPS}")
+    assert len(logs) == STEPS
     for row in logs:
         for metric in DSKD_METRICS:
             assert metric in row, f"{metric} missing from {row}"
         assert torch.isfinite(torch.tensor(float(row["loss"])))
-    for folder in (out / "checkpoint-3", out / "checkpoint-6", out):
+    for folder in (out / f"checkpoint-{SAVE_EVERY}", out / f"checkpoint-{STEPS}", out):
         weights = load_file(folder / "dskd_projectors.safetensors")
         assert set(weights) == {"t2s.weight", "t2s.bias", "s2t.weight", "s2t.bias"}
         meta = json.loads((folder / "dskd_projectors.json").read_text())
         assert meta["shapes"]["t2s.weight"] == [64, 128]  # student d=64, teacher d=128
-    # projectors are trained: the saved ones moved between checkpoints
+        assert meta["loss_config"]["kd_rate"] == 0.5
     assert not torch.equal(
-        load_file(out / "checkpoint-3" / "dskd_projectors.safetensors")["t2s.weight"],
-        load_file(out / "checkpoint-6" / "dskd_projectors.safetensors")["t2s.weight"],
+        load_file(out / f"checkpoint-{SAVE_EVERY}" / "dskd_projectors.safetensors")["t2s.weight"],
+        load_file(out / f"checkpoint-{STEPS}" / "dskd_projectors.safetensors")["t2s.weight"],
     )
-    full_run = _losses(out / "checkpoint-6")
 
-    # resume from checkpoint-3 (as after a crash): steps 4-6 repeat the uninterrupted run
-    shutil.rmtree(out / "checkpoint-6")
-    resumed = dskd_config(assets, tmp_path, max_steps=6, save_steps=3,
-                          resume_from_checkpoint=str(out / "checkpoint-3"))  # fmt: skip
-    proc = run_train(resumed, tmp_path)
-    assert_ok(proc)
-    assert "DSKD projectors restored" in proc.stdout + proc.stderr
-    after = _losses(out / "checkpoint-6")
-    for step in (4, 5, 6):
-        assert after[step] == pytest.approx(full_run[step], rel=1e-3), (step, after, full_run)
+
+@pytest.fixture(scope="module")
+def killed(assets, tmp_path_factory):
+    """The same run as ``uninterrupted``, killed (SIGKILL) after its first checkpoint."""
+    workdir = tmp_path_factory.mktemp("killed")
+    cfg = dskd_config(assets, workdir, max_steps=STEPS, save_steps=SAVE_EVERY)
+    checkpoint = workdir / "output" / f"checkpoint-{SAVE_EVERY}"
+    proc = start_train(cfg, workdir)
+    try:
+        deadline = time.monotonic() + 300
+        while not (checkpoint / "trainer_state.json").exists():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (workdir / "output" / f"checkpoint-{STEPS}").exists(), "killed too late"
+    return workdir, cfg, checkpoint
+
+
+def test_same_seed_gives_the_same_losses_step_by_step(killed, uninterrupted):
+    """Two runs with one seed agree exactly (LoRA init included), so settings can be compared."""
+    _, _, checkpoint = killed
+    reference = _losses(uninterrupted / f"checkpoint-{STEPS}")
+    before = _losses(checkpoint)
+    assert len(before) == SAVE_EVERY
+    assert before == {step: reference[step] for step in before}
+
+
+def test_killed_run_resumes_where_it_stopped(killed, uninterrupted):
+    """Resuming the killed run restores projectors, optimizer and scheduler: its loss curve
+    continues exactly as the uninterrupted run's."""
+    workdir, cfg, checkpoint = killed
+    resumed = run_train({**cfg, "resume_from_checkpoint": str(checkpoint)}, workdir)
+    assert_ok(resumed)
+    assert "DSKD projectors restored" in resumed.stdout + resumed.stderr
+    reference = _losses(uninterrupted / f"checkpoint-{STEPS}")
+    after = _losses(workdir / "output" / f"checkpoint-{STEPS}")
+    assert {step: after[step] for step in range(SAVE_EVERY + 1, STEPS + 1)} == {
+        step: reference[step] for step in range(SAVE_EVERY + 1, STEPS + 1)
+    }
 
 
 def test_cross_tokenizer_run_with_bare_plugin_name(assets, tmp_path):
