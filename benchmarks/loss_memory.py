@@ -17,9 +17,14 @@ is measured, each in a **fresh subprocess** (``--worker``):
   before the loss through ``/proc/self/clear_refs``, then read with ``getrusage``'s
   ``ru_maxrss``; the absolute peak is kept in the JSON too); CUDA:
   ``torch.cuda.max_memory_allocated()`` minus the memory allocated before the loss.
-- time: median of a few forward + backward passes after a warm-up. The two implementations are
-  timed alternately in the same process (the unchunked worker), so machine noise hits both.
-  Passes that take more than ``SLOW_S`` are run once (the measured pass is the sample).
+- time: median of forward + backward passes after a warm-up at a tiny size. Where a chunked
+  pass is cheap (``--interleave-max-s``) and always at the target point, the two
+  implementations are timed alternately in the same process (the unchunked worker), so machine
+  noise hits both: the first pass of each, then alternating rounds while ``--budget-s`` seconds
+  per point last (at most ``--rounds``; the target point gets at least 3 passes each).
+  Expensive points use the one measured pass of each implementation's own worker (marked † in
+  the table), which keeps the full CPU sweep near 15 minutes on an idle 2-core machine. Where
+  the unchunked baseline is skipped, the chunked time is that of its memory pass.
 
 Unchunked points whose predicted peak RSS exceeds ``--max-rss-gb`` (or 85 % of the memory
 available now) are not run and are reported as "skipped (OOM risk)".
@@ -52,8 +57,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 MB = 1024 * 1024
-SLOW_S = 15.0
-"""A pass slower than this is timed once: its one measured pass is the sample."""
 WORKER_TIMEOUT_S = 1800
 
 # sweep
@@ -266,18 +269,22 @@ def worker(spec: dict) -> dict:
         "teacher": cfg.tokens_per_chunk(inputs["teacher_lm_head"].shape[0]),
     }
 
-    # warm-up of the other implementations, then alternate
+    # the first pass of every other implementation in this process, then alternate rounds
+    # (u c | c u | u c ...) while the time budget lasts; every pass after the tiny warm-up is
+    # a sample (large buffers are fresh mmaps each pass, so a first pass is not special)
     for impl in impls[1:]:
         first[impl], values[impl] = step(impl, proj, inputs, cfg)
-    slowest = max(first.values())
-    repeats = spec["repeats"] if slowest < 3.0 else max(1, spec["repeats"] // 2)
-    if slowest > spec["slow_s"] or spec["repeats"] == 0:
-        repeats = 0
-    if repeats == 0:
-        times = {impl: [first[impl]] for impl in impls}
-    for r in range(repeats):
-        for impl in impls if r % 2 == 0 else impls[::-1]:
-            times[impl].append(step(impl, proj, inputs, cfg)[0])
+    times = {impl: [first[impl]] for impl in impls}
+    round_s = sum(first.values())
+    spent, rounds = 0.0, 0
+    while rounds < spec["max_rounds"] and (
+        len(times[impls[0]]) < spec["min_samples"] or spent + round_s <= spec["budget_s"]
+    ):
+        for impl in impls[::-1] if rounds % 2 == 0 else impls:
+            t = step(impl, proj, inputs, cfg)[0]
+            times[impl].append(t)
+            spent += t
+        rounds += 1
     out.update(times=times, first=first, values=values,
                median={impl: statistics.median(t) for impl, t in times.items()})
     return out
@@ -347,11 +354,16 @@ def table(rows: list[dict]) -> str:
         if r.get("unchunked_status"):
             rest = f"{r['unchunked_status']} | — | {fmt_ratio(r['chunked_s'])} | — | — |"
         else:
+            mark = "" if r.get("timing") == "interleaved" else " †"
             rest = (f"{fmt_mb(r['unchunked_mb'])} | {fmt_ratio(r['memory_ratio'], 3)} | "
                     f"{fmt_ratio(r['chunked_s'])} | {fmt_ratio(r['unchunked_s'])} | "
-                    f"{fmt_ratio(r['time_ratio'])} |")
+                    f"{fmt_ratio(r['time_ratio'])}{mark} |")
         lines.append(f"| {r['tokens']} | {r['v_t']} | {r['variant']} | "
                      f"{fmt_mb(r['chunked_mb'])} | " + rest)
+    if any(r.get("timing") == "separate" for r in rows):
+        lines.append("")
+        lines.append("† one pass of each implementation, in separate processes (not alternated): "
+                     "a noisier time ratio.")
     return "\n".join(lines)
 
 
@@ -386,6 +398,9 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
                         ax.axvline(t, color=style["color"], alpha=0.15, lw=6)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xticks(sorted({r["tokens"] for r in rows}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.grid(True, which="both", alpha=0.3)
@@ -411,14 +426,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="a small subset (a couple of minutes)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--repeats", type=int, default=5, help="timed passes per implementation "
-                    "(halved for passes over 3 s, 1 for passes over SLOW_S)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="at most this many extra alternating timing rounds per point")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds of extra timing rounds per point (default 6)")
     ap.add_argument("--max-rss-gb", type=float, default=16.0)
+    ap.add_argument("--interleave-max-s", type=float, default=10.0,
+                    help="time both implementations alternately in one process only where a "
+                    "chunked pass takes at most this long (always at the target point)")
     ap.add_argument("--chunk-size", type=int, default=None, help="DSKDLossConfig.chunk_size")
     ap.add_argument("--chunk-elements", type=int, default=None,
                     help="monkeypatch axolotl_dskd.loss.CHUNK_ELEMENTS in the workers")
     ap.add_argument("--points", default=None,
                     help="only these points: 'tokens:v_t:variant,...' (e.g. 2048:64000:cma)")
+    ap.add_argument("--d-s", type=int, default=None, help="student hidden size (default: "
+                    + ", ".join(f"{k} {v['d_s']}" for k, v in SHAPES.items()) + ")")
+    ap.add_argument("--d-t", type=int, default=None, help="teacher hidden size (default: "
+                    + ", ".join(f"{k} {v['d_t']}" for k, v in SHAPES.items()) + ")")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -427,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
-    shape = SHAPES[args.device]
+    shape = dict(SHAPES[args.device])
+    shape.update({k: v for k, v in (("d_s", args.d_s), ("d_t", args.d_t)) if v})
+    budget_s = args.budget_s if args.budget_s is not None else 6.0
     if args.device == "cuda":
         import torch
 
@@ -444,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(device=args.device, device_name=device_name, dtype=shape["dtype"],
                 d_s=shape["d_s"], d_t=shape["d_t"], v_s=STUDENT_VOCAB, batch=BATCH,
                 prompt_share=PROMPT_SHARE, teacher_length_ratio=TEACHER_LENGTH_RATIO,
-                repeats=args.repeats, slow_s=SLOW_S, chunk_size=args.chunk_size,
+                rounds=args.rounds, budget_s=budget_s, chunk_size=args.chunk_size,
                 chunk_elements=args.chunk_elements, quick=args.quick,
                 max_rss_gb=args.max_rss_gb, python=sys.version.split()[0])
     print(f"# DSKD loss memory benchmark: {device_name}")
@@ -459,11 +485,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     rows: list[dict] = []
-    last_unchunked: dict[tuple, tuple[int, int]] = {}  # (v_t, variant) -> (tokens, peak delta)
+    # (v_t, variant) -> (tokens, peak delta, memory before the loss) of the last unchunked run
+    last_unchunked: dict[tuple, tuple[int, int, int]] = {}
     skip_from: dict[tuple, int] = {}
     for point in points:
         base = dict(device=args.device, dtype=shape["dtype"], d_s=shape["d_s"], d_t=shape["d_t"],
-                    v_s=STUDENT_VOCAB, seed=args.seed, slow_s=SLOW_S,
+                    v_s=STUDENT_VOCAB, seed=args.seed, budget_s=budget_s, max_rounds=args.rounds,
                     chunk_size=args.chunk_size, chunk_elements=args.chunk_elements,
                     point=asdict(point))
         key = (point.v_t, point.variant)
@@ -473,37 +500,45 @@ def main(argv: list[str] | None = None) -> int:
         if key in skip_from and point.tokens >= skip_from[key]:
             status = "skipped (OOM risk)"
         elif key in last_unchunked:
-            t_prev, d_prev = last_unchunked[key]
-            predicted = d_prev * point.tokens / t_prev * 1.1
+            t_prev, d_prev, before_prev = last_unchunked[key]
+            # the logits grow linearly with the tokens (CMA scores quadratically, but are small)
+            predicted = before_prev + d_prev * point.tokens / t_prev * 1.1
             if args.device == "cpu":
                 avail = mem_available()
                 limit = args.max_rss_gb * 1024**3
                 if avail is not None:
                     limit = min(limit, 0.85 * avail)
             else:
-                limit = 0.85 * gpu_total if (gpu_total := rows[-1].get("gpu_total")) else math.inf
+                gpu_total = next((r["gpu_total"] for r in rows if r.get("gpu_total")), None)
+                limit = 0.85 * gpu_total if gpu_total else math.inf
             if predicted > limit:
                 status = "skipped (OOM risk)"
                 skip_from[key] = point.tokens
-                print(f"  unchunked {point.label}: predicted peak {predicted / MB:,.0f} MB > "
+                print(f"  unchunked {point.label}: predicted peak RSS {predicted / MB:,.0f} MB > "
                       f"limit {limit / MB:,.0f} MB: skipped", flush=True)
 
         t0 = time.perf_counter()
         # chunked: memory (fresh process); timed here only when the baseline does not run
-        chunked = run_worker(dict(base, impls=["chunked"],
-                                  repeats=args.repeats if status else 0))
+        is_target = args.device == "cpu" and all(
+            getattr(point, k) == CPU_TARGET[k] for k in ("tokens", "v_t", "variant"))
+        chunked = run_worker(dict(base, impls=["chunked"], min_samples=1,
+                                  max_rounds=args.rounds if status else 0))
         unchunked = None
+        # both timed alternately in the unchunked worker when a chunked pass is cheap (or this is
+        # the target point); otherwise each implementation's single fresh-process pass is used
+        interleave = is_target or (
+            "error" not in chunked and chunked["first"]["chunked"] <= args.interleave_max_s)
         if status is None:
-            # unchunked memory (fresh process), then both timed alternately in that process
-            unchunked = run_worker(dict(base, impls=["unchunked", "chunked"],
-                                        repeats=args.repeats))
+            unchunked = run_worker(dict(
+                base, impls=["unchunked", "chunked"] if interleave else ["unchunked"],
+                min_samples=3 if is_target else 1, max_rounds=args.rounds if interleave else 0))
             if "error" in unchunked:
                 status = f"failed: {unchunked['error']}"[:60]
                 if "OOM" in unchunked["error"] or "killed" in unchunked["error"]:
                     status = "OOM"
                     skip_from[key] = point.tokens
             else:
-                last_unchunked[key] = (point.tokens, unchunked["peak_delta"])
+                last_unchunked[key] = (point.tokens, unchunked["peak_delta"], unchunked["before"])
         if "error" in chunked:
             print(f"  chunked {point.label}: {chunked['error']}", file=sys.stderr)
 
@@ -520,16 +555,24 @@ def main(argv: list[str] | None = None) -> int:
         if unchunked is not None and "error" not in unchunked:
             row["unchunked_mb"] = unchunked["peak_delta"] / MB
             row["unchunked_peak_abs_mb"] = unchunked["peak_abs"] / MB
-            row["chunked_s"] = unchunked["median"]["chunked"]
             row["unchunked_s"] = unchunked["median"]["unchunked"]
-            row["time_samples"] = unchunked["times"]
-            v = unchunked["values"]
-            row["loss_rel_diff"] = abs(v["chunked"] - v["unchunked"]) / max(abs(v["unchunked"]),
-                                                                            1e-30)
+            if "chunked" in unchunked["median"]:
+                row["timing"] = "interleaved"
+                row["chunked_s"] = unchunked["median"]["chunked"]
+                row["time_samples"] = unchunked["times"]
+            else:
+                row["timing"] = "separate"
+                row["chunked_s"] = chunked["median"]["chunked"]
+                row["time_samples"] = dict(unchunked["times"], **chunked["times"])
+            v = dict(chunked.get("values", {}), **unchunked["values"])
+            if "chunked" in v:
+                row["loss_rel_diff"] = abs(v["chunked"] - v["unchunked"]) / max(
+                    abs(v["unchunked"]), 1e-30)
             if row["chunked_mb"] is not None:
                 row["memory_ratio"] = row["chunked_mb"] / max(row["unchunked_mb"], 1e-9)
             row["time_ratio"] = row["chunked_s"] / row["unchunked_s"]
         elif "error" not in chunked:
+            row["timing"] = "chunked only"
             row["chunked_s"] = chunked["median"]["chunked"]
             row["time_samples"] = chunked["times"]
         rows.append(row)
@@ -551,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         + (" --quick" if args.quick else "")
         + (f" --chunk-size {args.chunk_size}" if args.chunk_size else "")
         + (f" --chunk-elements {args.chunk_elements}" if args.chunk_elements else "")
+        + (f" --d-s {args.d_s}" if args.d_s else "") + (f" --d-t {args.d_t}" if args.d_t else "")
+        + (f" --points {args.points}" if args.points else "")
         + "`\n\n"
         f"Student d_s={shape['d_s']}, teacher d_t={shape['d_t']}, {shape['dtype']}, batch "
         f"{BATCH} x L, {PROMPT_SHARE:.0%} of each row an untrained prompt; same-vocab: "
@@ -559,8 +604,9 @@ def main(argv: list[str] | None = None) -> int:
         f"forward_kl both spaces. torch {_torch_version()}, {threads} threads.\n\n"
         "MB: peak " + ("RSS" if args.device == "cpu" else "CUDA allocated memory")
         + " during one forward + backward of the loss, above the memory held before it (inputs "
-        "excluded), each implementation in a fresh process. s: median forward + backward time, "
-        "both implementations timed alternately in one process. Ratios: chunked / unchunked.\n\n"
+        "excluded), each implementation in a fresh process. s: median forward + backward time; "
+        "where a chunked pass is cheap (and at the target point) both implementations are timed "
+        "alternately in one process, otherwise one pass each. Ratios: chunked / unchunked.\n\n"
     )
     text = header + md + "\n\n" + "\n".join(verdicts) + f"\n\nTotal benchmark time {elapsed:.0f} s.\n"
     print()
