@@ -6,7 +6,9 @@ prepared or any model loads, with a message naming the YAML key.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -18,6 +20,7 @@ LOG = logging.getLogger(__name__)
 
 def check_teacher_setup(cfg: Any) -> None:
     """Validate the teacher against the student and resolve ``dskd_cross_tokenizer``."""
+    check_weights_stay_whole(cfg)
     if cfg.dskd_teacher_load_in_4bit:
         require_bitsandbytes("dskd_teacher_load_in_4bit")
     if cfg.dskd_teacher_load_in_8bit:
@@ -52,3 +55,34 @@ def check_teacher_setup(cfg: Any) -> None:
             f"sequence_len: {sequence_len}. Lower sequence_len to at most {info.max_length} "
             "or choose a teacher with a longer context."
         )
+
+
+def check_weights_stay_whole(cfg: Any) -> None:
+    """The loss reads the student's LM head (and, for CMA, its input embeddings) as whole
+    matrices; ZeRO-3 and FSDP shard them across ranks, so refuse those before anything loads."""
+    if deepspeed_stage(getattr(cfg, "deepspeed", None)) == 3:
+        raise ValueError(
+            "deepspeed: ZeRO-3 is not supported with dskd_teacher: the DSKD loss reads the "
+            "student's LM head and embeddings as whole matrices, which ZeRO-3 partitions. Use "
+            "ZeRO-2 or ZeRO-1 (example_configs/deepspeed/zero2.json); the teacher stays outside "
+            "DeepSpeed either way."
+        )
+    for key in ("fsdp", "fsdp_config"):
+        if getattr(cfg, key, None):
+            raise ValueError(
+                f"{key}: FSDP is not supported with dskd_teacher: the DSKD loss reads the "
+                "student's LM head and embeddings as whole matrices, which FSDP shards. Use "
+                "DeepSpeed ZeRO-2 (example_configs/deepspeed/zero2.json) for several GPUs."
+            )
+
+
+def deepspeed_stage(deepspeed: str | dict | None) -> int | None:
+    """The ZeRO stage of Axolotl's ``deepspeed:`` value (a JSON path or the loaded dict)."""
+    if isinstance(deepspeed, str):
+        path = Path(deepspeed)
+        if not path.is_file():
+            return None  # Axolotl reports a missing file itself
+        deepspeed = json.loads(path.read_text())
+    if not isinstance(deepspeed, dict):
+        return None
+    return deepspeed.get("zero_optimization", {}).get("stage")

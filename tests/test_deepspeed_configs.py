@@ -25,8 +25,8 @@ from tests.conftest import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 DS_DIR = REPO / "example_configs" / "deepspeed"
-STAGES = {"zero2.json": 2, "zero3.json": 3}
-EXAMPLES = {"dskd_zero2.yml": 2, "dskd_zero3.yml": 3}
+STAGES = {"zero2.json": 2}
+EXAMPLES = {"dskd_zero2.yml": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -67,9 +67,6 @@ def test_deepspeed_json_is_a_standard_auto_config(name):
     assert "optimizer" not in config and "scheduler" not in config, (
         "the HF trainer must build the optimizer: DSKD adds the projectors' parameter group"
     )
-    if STAGES[name] == 3:
-        # otherwise the trainer saves a raw DeepSpeed checkpoint instead of the adapter
-        assert ds.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save") is True
 
 
 def _example(name: str, assets: dict[str, Path], tmp_path: Path, **overrides) -> dict:
@@ -123,6 +120,22 @@ def test_example_validates_with_the_plugin(name, assets, tmp_path, monkeypatch):
 def test_example_with_a_bad_dskd_key_is_refused(name, assets, tmp_path, monkeypatch):
     cfg = _example(name, assets, tmp_path, dskd_kd_rate=1.5)
     with pytest.raises(Exception, match="dskd_kd_rate"):
+        _load(cfg, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("key", ["deepspeed", "fsdp_config"])
+def test_sharded_student_weights_are_refused_by_key(key, assets, tmp_path, monkeypatch):
+    """ZeRO-3 and FSDP shard the LM head the loss reads whole: refused before anything loads."""
+    if key == "deepspeed":
+        zero3 = {**_ds_json("zero2.json"), "zero_optimization": {"stage": 3}}
+        value = str(tmp_path / "zero3.json")
+        Path(value).write_text(json.dumps(zero3))
+    else:
+        value = {"fsdp_version": 2, "reshard_after_forward": True}
+    cfg = _example("dskd_zero2.yml", assets, tmp_path, **{key: value})
+    if key != "deepspeed":
+        cfg.pop("deepspeed")
+    with pytest.raises(Exception, match=rf"{key}: .*(ZeRO-3|FSDP)"):
         _load(cfg, tmp_path, monkeypatch)
 
 
