@@ -41,6 +41,7 @@ Framework-free: torch and a Hugging Face tokenizer only, picklable for DataLoade
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -60,6 +61,7 @@ _REPLACEMENT = "\ufffd"
 # the first whose tokens stay a separate prefix of the encoding is used.
 _SENTINELS = ("\n", "§", "¶", "#", "a", "0")
 _MAX_EXAMPLES = 8
+LOG = logging.getLogger(__name__)
 
 _TEXT, _EOS = 0, 1
 
@@ -169,6 +171,7 @@ class TeacherTokenBuilder:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.check_round_trip = check_round_trip
         self.stats = RoundTripStats()
+        self._reported_mismatch = False
 
         self._s_bos = student_tokenizer.bos_token_id
         self._s_eos = student_tokenizer.eos_token_id
@@ -429,6 +432,8 @@ class TeacherTokenBuilder:
             out_pos.append(t_pos + [min(next_pos + k, self.max_length - 1) for k in range(n_pad)])
             out_seg.append(t_seg + [-1] * n_pad)
 
+        self._report_mismatch()
+
         def tensor(x: list[list[int]]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
 
@@ -440,6 +445,19 @@ class TeacherTokenBuilder:
             "student_segment_ids": tensor(student_segments),
             "teacher_segment_ids": tensor(out_seg),
         }
+
+    def _report_mismatch(self) -> None:
+        """Say once (per process), with a count and an example, that the teacher saw other text."""
+        if self._reported_mismatch or not self.stats.mismatched_runs:
+            return
+        self._reported_mismatch = True
+        student_text, teacher_text = self.stats.examples[0]
+        LOG.warning(
+            "DSKD: %d of %d text runs so far do not survive the round trip from the student's "
+            "tokens to the teacher's (the teacher sees slightly different text), e.g. %r became "
+            "%r. Distillation goes on; such text is usually outside one tokenizer's vocabulary.",
+            self.stats.mismatched_runs, self.stats.runs, student_text, teacher_text,
+        )  # fmt: skip
 
     def _row(
         self, ids: list[int], labels: list[int], segments: list[int]

@@ -283,6 +283,18 @@ def test_mismatch_is_counted_when_the_teacher_cannot_represent_the_text(bpe, sp,
     b.stats.reset()
 
 
+def test_round_trip_mismatch_is_reported_once_with_a_count(bpe, sp, builder, caplog) -> None:
+    b = builder(bpe, sp)
+    ids, labels = encode_parts(bpe, [("Draw a line:", False), (" ▁▁▁ done", True)])
+    batch = {"input_ids": [ids], "labels": [labels], "attention_mask": [[1] * len(ids)]}
+    with caplog.at_level("WARNING", logger="axolotl_dskd"):
+        b(batch)
+        b(batch)
+    warnings = [r.getMessage() for r in caplog.records if "round trip" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "1 of 2 text runs" in warnings[0] and "' ▁▁▁ done'" in warnings[0]
+
+
 def test_student_bos_equal_to_eos(bpe, sp, builder) -> None:
     # GPT-2 style: <|endoftext|> is BOS, EOS and pad at once; at the start it is BOS (dropped)
     from transformers import PreTrainedTokenizerFast
