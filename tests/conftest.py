@@ -99,20 +99,29 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+def _train_env() -> dict[str, str]:
+    """Offline, with the venv's scripts on PATH as in an activated venv (`axolotl train` runs
+    `accelerate` from PATH)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **OFFLINE_ENV, "PATH": path}
+
+
 def _train_command(cfg: dict, workdir: Path, launcher: str) -> list[str]:
     config = write_config(cfg, workdir / "config.yml")
     if launcher == "accelerate":
         accelerate = str(Path(sys.executable).with_name("accelerate"))
         return [accelerate, "launch", "--num_processes", "1", "-m", "axolotl.cli.train", str(config)]
+    if launcher == "axolotl":  # `axolotl train`, which itself runs `accelerate launch`
+        return [str(Path(sys.executable).with_name("axolotl")), "train", str(config)]
     return [sys.executable, "-m", "axolotl.cli.train", str(config)]
 
 
 def run_train(
     cfg: dict, workdir: Path, *, launcher: str = "python", timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m axolotl.cli.train`` (or through ``accelerate launch``) on ``cfg``."""
+    """Run ``python -m axolotl.cli.train`` on ``cfg`` (or ``accelerate launch``, ``axolotl train``)."""
     proc = subprocess.run(
-        _train_command(cfg, workdir, launcher), cwd=workdir, env={**os.environ, **OFFLINE_ENV},
+        _train_command(cfg, workdir, launcher), cwd=workdir, env=_train_env(),
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     (workdir / "train.log").write_text(proc.stdout + proc.stderr)
@@ -123,7 +132,7 @@ def start_train(cfg: dict, workdir: Path) -> subprocess.Popen:
     """Start a training run in the background (its output goes to train.log)."""
     log = open(workdir / "train.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        _train_command(cfg, workdir, "python"), cwd=workdir, env={**os.environ, **OFFLINE_ENV},
+        _train_command(cfg, workdir, "python"), cwd=workdir, env=_train_env(),
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
 

@@ -113,11 +113,12 @@ def test_cross_tokenizer_run_with_bare_plugin_name(assets, tmp_path):
 
 
 def test_cross_tokenizer_with_sample_packing(assets, tmp_path):
+    """Packed rows through `axolotl train` with the canonical plugin name."""
     cfg = dskd_config(
         assets, tmp_path, student="student_sp", sample_packing=True, pad_to_sequence_len=True,
         micro_batch_size=1, max_steps=3, save_steps=3,
     )  # fmt: skip
-    assert_ok(run_train(cfg, tmp_path))
+    assert_ok(run_train(cfg, tmp_path, launcher="axolotl"))
     logs = training_logs(tmp_path / "output" / "checkpoint-3")
     assert len(logs) == 3 and all("dskd/t2s_ce" in row for row in logs)
 
