@@ -41,13 +41,13 @@ class DSKDArgs(BaseModel):
         "on logits, same vocabulary only, no projectors.",
     )
     dskd_kd_rate: float = Field(default=0.5, ge=0.0, le=1.0)
-    dskd_temperature: float = Field(default=2.0, gt=0.0)
+    dskd_temperature: float = Field(default=2.0, gt=0.0, allow_inf_nan=False)
     dskd_divergence: Divergence = "forward_kl"
     dskd_teacher_space_divergence: Divergence = "forward_kl"
     dskd_skew_lambda: float = Field(default=0.1, gt=0.0, lt=1.0)
     dskd_akl_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     dskd_cross_tokenizer: bool | Literal["auto"] = "auto"
-    dskd_projector_lr: float = Field(default=1e-3, gt=0.0)
+    dskd_projector_lr: float = Field(default=1e-3, gt=0.0, allow_inf_nan=False)
     dskd_projectors: str | None = Field(
         default=None, description="Projectors to start from (a .safetensors file or a folder)."
     )
@@ -61,6 +61,13 @@ class DSKDArgs(BaseModel):
     @model_validator(mode="after")
     def _check_teacher(self):  # type: ignore[no-untyped-def]
         if self.dskd_teacher is None:
+            orphans = sorted(k for k in self.model_fields_set if k.startswith("dskd_") and k != "dskd_teacher")
+            if orphans:
+                raise ValueError(
+                    f"{', '.join(orphans)} set without dskd_teacher: the plugin would do nothing "
+                    "and the run would be plain fine-tuning. Set dskd_teacher to the teacher "
+                    "model, or remove the dskd_ keys."
+                )
             return self
         if self.dskd_teacher_load_in_4bit and self.dskd_teacher_load_in_8bit:
             raise ValueError(

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -51,19 +52,43 @@ def projectors_file(path: str | os.PathLike) -> Path:
     return path / WEIGHTS_NAME if path.is_dir() else path
 
 
-def load_projectors(projectors: nn.Module, path: str | os.PathLike, key: str) -> None:
-    """Copy saved weights into ``projectors``; refuse a file that does not fit, naming ``key``."""
+def read_projector_shapes(path: str | os.PathLike, key: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """The weights file for ``path`` and its tensors' shapes, from the safetensors header only.
+
+    Anything but a readable ``.safetensors`` file (a pickle such as ``.bin`` / ``.pt``, a
+    missing or corrupt file) is refused naming ``key``; nothing is ever unpickled.
+    """
     file = projectors_file(path)
     if file.suffix != ".safetensors":
-        raise ValueError(f"{key}: {str(file)!r} is not a .safetensors file; projectors are only read as safetensors")
+        raise ValueError(
+            f"{key}: {str(file)!r} is not a .safetensors file; projectors are only read as "
+            f"safetensors (never a pickle). Point {key} at a dskd_projectors.safetensors file or "
+            "the checkpoint folder holding it."
+        )
     if not file.is_file():
         raise ValueError(f"{key}: no projector file at {str(file)!r}")
-    saved = load_file(file)
-    expected = {k: tuple(v.shape) for k, v in projectors.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in saved.items()}
+    try:
+        with safe_open(file, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types on a bad header
+        raise ValueError(f"{key}: {str(file)!r} is not a readable safetensors file ({exc})") from exc
+    return file, shapes
+
+
+def check_projector_shapes(
+    file: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], key: str
+) -> None:
     if expected != found:
+        found, expected = dict(sorted(found.items())), dict(sorted(expected.items()))
         raise ValueError(
             f"{key}: the projectors in {str(file)!r} have shapes {found}, but this student/teacher "
             f"pair needs {expected}. Point {key} at projectors trained for the same pair."
         )
-    projectors.load_state_dict(saved)
+
+
+def load_projectors(projectors: nn.Module, path: str | os.PathLike, key: str) -> None:
+    """Copy saved weights into ``projectors``; refuse a file that does not fit, naming ``key``."""
+    file, found = read_projector_shapes(path, key)
+    expected = {k: tuple(v.shape) for k, v in projectors.state_dict().items()}
+    check_projector_shapes(file, found, expected, key)
+    projectors.load_state_dict(load_file(file))

@@ -51,6 +51,18 @@ def context_length(config: PretrainedConfig) -> int | None:
     return None
 
 
+def _refuse_custom_code(exc: Exception, source: str, trust_remote_code: bool) -> None:
+    """transformers refuses a model whose config or tokenizer needs its own Python code (an
+    ``auto_map`` to a module in the repository) unless trusted; say which YAML key trusts it."""
+    if not trust_remote_code and "trust_remote_code" in str(exc):
+        raise TeacherConfigError(
+            f"dskd_teacher_trust_remote_code: {source!r} needs its own Python code to load (its "
+            "config's auto_map names a module in the repository), which the plugin does not run "
+            "by default. Read that code, then set dskd_teacher_trust_remote_code: true if you "
+            "trust it, or choose a teacher that transformers supports natively."
+        ) from exc
+
+
 def inspect_teacher(
     teacher: str,
     *,
@@ -62,6 +74,7 @@ def inspect_teacher(
     try:
         config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        _refuse_custom_code(exc, teacher, trust_remote_code)
         raise TeacherConfigError(
             f"dskd_teacher: cannot read a model config from {teacher!r} ({exc}). "
             "Set dskd_teacher to a local model folder or a Hugging Face hub id you can access."
@@ -75,6 +88,7 @@ def inspect_teacher(
     try:
         teacher_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        _refuse_custom_code(exc, source, trust_remote_code)
         key = "dskd_teacher_tokenizer" if tokenizer else "dskd_teacher"
         raise TeacherConfigError(
             f"{key}: cannot load a tokenizer from {source!r} ({exc}). "

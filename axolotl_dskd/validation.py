@@ -55,6 +55,37 @@ def check_teacher_setup(cfg: Any) -> None:
             f"sequence_len: {sequence_len}. Lower sequence_len to at most {info.max_length} "
             "or choose a teacher with a longer context."
         )
+    if cfg.dskd_projectors:
+        check_projectors_fit(cfg, teacher_hidden_size=info.hidden_size)
+
+
+def check_projectors_fit(cfg: Any, teacher_hidden_size: int) -> None:
+    """``dskd_projectors``: a safetensors file whose shapes fit this pair, read from its header
+    only, so a wrong file stops the run before any weights load."""
+    import torch
+    from transformers import AutoConfig
+
+    from axolotl_dskd.loss import Projectors
+    from axolotl_dskd.projector_io import check_projector_shapes, read_projector_shapes
+
+    if cfg.dskd_method == "vanilla_kd":
+        raise ValueError(
+            "dskd_projectors is set, but dskd_method: vanilla_kd trains no projectors. "
+            "Remove dskd_projectors or use dskd_method: dskd."
+        )
+    file, found = read_projector_shapes(cfg.dskd_projectors, "dskd_projectors")
+    student = AutoConfig.from_pretrained(
+        getattr(cfg, "base_model_config", None) or cfg.base_model,
+        trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)),
+    )
+    with torch.device("meta"):
+        projectors = Projectors(
+            student.get_text_config().hidden_size,
+            teacher_hidden_size,
+            cross_tokenizer=bool(cfg.dskd_cross_tokenizer),
+        )
+    expected = {k: tuple(v.shape) for k, v in projectors.state_dict().items()}
+    check_projector_shapes(file, found, expected, "dskd_projectors")
 
 
 def check_weights_stay_whole(cfg: Any) -> None:

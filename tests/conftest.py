@@ -99,6 +99,33 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def fresh_plugin_manager():
+    """Axolotl's plugin manager is a process-wide singleton; each test registers its own."""
+    from axolotl.integrations.base import PluginManager
+
+    PluginManager.get_instance().plugins.clear()
+    yield
+    PluginManager.get_instance().plugins.clear()
+
+
+def load_config(cfg: dict, workdir: Path):
+    """Axolotl's ``load_cfg``: registers the plugins afresh and validates the whole config,
+    loading no weights."""
+    from axolotl.cli.config import load_cfg
+    from axolotl.integrations.base import PluginManager
+
+    PluginManager.get_instance().plugins.clear()
+    return load_cfg(str(write_config(cfg, workdir / "config.yml")))
+
+
+def refusal(cfg: dict, workdir: Path) -> str:
+    """The message of the error that validating ``cfg`` raises."""
+    with pytest.raises(Exception) as info:
+        load_config(cfg, workdir)
+    return str(info.value)
+
+
 def _train_env() -> dict[str, str]:
     """Offline, with the venv's scripts on PATH as in an activated venv (`axolotl train` runs
     `accelerate` from PATH)."""

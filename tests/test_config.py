@@ -10,37 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import OFFLINE_ENV, dskd_config, write_config
+from tests.conftest import OFFLINE_ENV, dskd_config, load_config, refusal, write_config
+
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_plugin_manager():
-    """Axolotl's plugin manager is a process-wide singleton; each test loads one config."""
-    from axolotl.integrations.base import PluginManager
-
-    PluginManager.get_instance().plugins.clear()
-    yield
-    PluginManager.get_instance().plugins.clear()
-
-
-def load(cfg: dict, tmp_path: Path):
-    """Axolotl's `load_cfg`: registers the plugins and validates, loading no weights."""
-    from axolotl.cli.config import load_cfg
-
-    return load_cfg(str(write_config(cfg, tmp_path / "config.yml")))
-
-
-def refused(cfg: dict, tmp_path: Path) -> str:
-    with pytest.raises(Exception) as info:
-        load(cfg, tmp_path)
-    return str(info.value)
-
-
 @pytest.mark.parametrize("spelling", ["axolotl_dskd.DSKDPlugin", "axolotl_dskd"])
 def test_both_plugin_spellings_keep_the_dskd_keys(assets, tmp_path, spelling):
-    cfg = load(dskd_config(assets, tmp_path, plugins=[spelling], dskd_kd_rate=0.3), tmp_path)
+    cfg = load_config(dskd_config(assets, tmp_path, plugins=[spelling], dskd_kd_rate=0.3), tmp_path)
     assert cfg.dskd_teacher == str(assets["teacher"])
     assert cfg.dskd_kd_rate == 0.3
     assert cfg.dskd_cross_tokenizer is False  # auto, same tokenizer
@@ -59,7 +38,7 @@ def test_bare_name_alias_can_be_turned_off(assets, tmp_path):
 
 
 def test_auto_picks_cross_model_attention_for_different_vocabularies(assets, tmp_path):
-    cfg = load(dskd_config(assets, tmp_path, student="student_sp"), tmp_path)
+    cfg = load_config(dskd_config(assets, tmp_path, student="student_sp"), tmp_path)
     assert cfg.dskd_cross_tokenizer is True
 
 
@@ -81,7 +60,7 @@ def test_equal_sized_vocabularies_with_different_tokens_are_different(assets, tm
     (student / "tokenizer.json").write_text(json.dumps(spec))
     swapped, teacher = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(assets["teacher"])
     assert len(swapped) == len(teacher) and not same_vocabulary(swapped, teacher)
-    cfg = load({**dskd_config(assets, tmp_path), "base_model": str(student)}, tmp_path)
+    cfg = load_config({**dskd_config(assets, tmp_path), "base_model": str(student)}, tmp_path)
     assert cfg.dskd_cross_tokenizer is True
 
 
@@ -105,7 +84,7 @@ def test_equal_sized_vocabularies_with_different_tokens_are_different(assets, tm
 def test_bad_settings_are_refused_naming_the_key(assets, tmp_path, overrides, expected):
     overrides = dict(overrides)
     student = overrides.pop("student", "student")
-    message = refused(dskd_config(assets, tmp_path, student=student, **overrides), tmp_path)
+    message = refusal(dskd_config(assets, tmp_path, student=student, **overrides), tmp_path)
     assert expected in message, message
 
 
@@ -133,7 +112,7 @@ def test_without_dskd_teacher_the_plugin_does_nothing(assets, tmp_path):
     cfg = dskd_config(assets, tmp_path)
     for key in [k for k in cfg if k.startswith("dskd_")]:
         cfg.pop(key)
-    loaded = load(cfg, tmp_path)
+    loaded = load_config(cfg, tmp_path)
     from axolotl.integrations.base import PluginManager
 
     plugin = PluginManager.get_instance().plugins["axolotl_dskd.DSKDPlugin"]
@@ -161,7 +140,7 @@ def test_example_configs_validate(assets, tmp_path, example):
         sequence_len=min(cfg["sequence_len"], 512),
     )
     cfg.pop("test_datasets", None)
-    loaded = load(cfg, tmp_path)
+    loaded = load_config(cfg, tmp_path)
     assert loaded.dskd_cross_tokenizer is True
     for key, value in yaml.safe_load(example.read_text()).items():
         if key.startswith("dskd_") and key not in ("dskd_teacher", "dskd_cross_tokenizer"):

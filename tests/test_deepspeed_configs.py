@@ -23,20 +23,12 @@ from packaging.specifiers import SpecifierSet
 
 from tests.conftest import write_config
 
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
+
 REPO = Path(__file__).resolve().parents[1]
 DS_DIR = REPO / "example_configs" / "deepspeed"
 STAGES = {"zero2.json": 2}
 EXAMPLES = {"dskd_zero2.yml": 2}
-
-
-@pytest.fixture(autouse=True)
-def fresh_plugin_manager():
-    """Axolotl's plugin manager is a process-wide singleton; each test loads one config."""
-    from axolotl.integrations.base import PluginManager
-
-    PluginManager.get_instance().plugins.clear()
-    yield
-    PluginManager.get_instance().plugins.clear()
 
 
 @pytest.fixture(autouse=True)
