@@ -480,7 +480,7 @@ elif timeout "$t" "$PY" benchmarks/gpu_step_bench.py --make-only --tokenizers --
 else
   rc=$?; tailog "$WORK/make_models.log"; fail make_models "rc=$rc"
 fi
-if (wanted e2e_cma || wanted zero2 || wanted zero3) && t=$(tmo 60 0) && [ -n "$t" ]; then
+if (wanted e2e_cma || wanted zero2) && t=$(tmo 60 0) && [ -n "$t" ]; then
   # data and tiny models for the axolotl runs
   timeout "$t" "$PY" "$WORK/make_data.py" "$WORK" > "$WORK/make_data.log" 2>&1 || tailog "$WORK/make_data.log" 15
 fi
@@ -592,14 +592,12 @@ zero_run() {  # STAGE RESERVE
     fi
   fi
 }
-for z in 2 3; do
-  if [ "$ZERO" != 1 ] || ! wanted "zero$z"; then
-    skip "zero$z" "ZERO=$ZERO STEPS=$STEPS"
-  elif [ ! -d "$WORK/tiny/teacher" ]; then
-    skip "zero$z" "no tiny models"
-  else
-    zero_run "$z" $(( z == 2 ? 45 : 0 ))
-  fi
-done
+if [ "$ZERO" != 1 ] || ! wanted zero2; then
+  skip zero2 "ZERO=$ZERO STEPS=$STEPS"
+elif [ ! -d "$WORK/tiny/teacher" ]; then
+  skip zero2 "no tiny models"
+else
+  zero_run 2 45
+fi
 
 finish
