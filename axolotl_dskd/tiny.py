@@ -888,6 +888,17 @@ def without_distillation(config: dict[str, Any]) -> dict[str, Any]:
     return {**plain, "plugins": plugins} if plugins else plain
 
 
+def quiet_library_logs() -> None:
+    """Silence the import-time notes of optional kernels a CPU run does not use (torchao's CUDA
+    extensions, bitsandbytes' hub kernels, torch's pytree deprecations): they read like errors."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 if __name__ == "__main__":  # python -m axolotl_dskd.tiny: the quickstart's models, for its YAML
     for name, path in cached_assets(ARITHMETIC, name=ARITHMETIC_NAME, log=print).items():
         print(f"{name}: {path}")
