@@ -12,15 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-OFFLINE_ENV = {
-    "AXOLOTL_DO_NOT_TRACK": "1",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from axolotl_dskd.tiny import OFFLINE_ENV
+
 os.environ.update(OFFLINE_ENV)
 
 # Everything Axolotl needs to train a LoRA student on a CPU; tests override what they test.
