@@ -72,16 +72,24 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def dskd_config(assets: dict[str, Path], out: Path, *, student: str = "student", **overrides: Any) -> dict:
-    cfg = {
-        **CPU_LORA_BASE,
+def on_tiny_assets(assets: dict[str, Path], out: Path, *, student: str = "student") -> dict[str, Any]:
+    """The keys that point a config at the tiny local models and data (hub ids cannot be
+    downloaded here) and put its outputs under ``out``."""
+    return {
         "base_model": str(assets[student]),
-        "plugins": ["axolotl_dskd.DSKDPlugin"],
         "dskd_teacher": str(assets["teacher"]),
-        "dskd_teacher_load_in_4bit": True,
         "datasets": [{"path": str(assets["data"]), "ds_type": "json", "type": "alpaca"}],
         "output_dir": str(out / "output"),
         "dataset_prepared_path": str(out / "prepared"),
+    }
+
+
+def dskd_config(assets: dict[str, Path], out: Path, *, student: str = "student", **overrides: Any) -> dict:
+    cfg = {
+        **CPU_LORA_BASE,
+        "plugins": ["axolotl_dskd.DSKDPlugin"],
+        "dskd_teacher_load_in_4bit": True,
+        **on_tiny_assets(assets, out, student=student),
     }
     cfg.update(overrides)
     return {k: v for k, v in cfg.items() if v is not None}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import OFFLINE_ENV, dskd_config, load_config, refusal, write_config
+from tests.conftest import OFFLINE_ENV, dskd_config, load_config, on_tiny_assets, refusal, write_config
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
@@ -130,11 +130,7 @@ def test_example_configs_validate(assets, tmp_path, example):
     cfg = yaml.safe_load(example.read_text())
     assert cfg["plugins"][0].startswith("axolotl_dskd")
     cfg.update(
-        base_model=str(assets["student_sp"]),
-        dskd_teacher=str(assets["teacher"]),
-        datasets=[{"path": str(assets["data"]), "ds_type": "json", "type": "alpaca"}],
-        output_dir=str(tmp_path / "out"),
-        dataset_prepared_path=str(tmp_path / "prepared"),
+        **on_tiny_assets(assets, tmp_path, student="student_sp"),
         bf16=False,
         optimizer="adamw_torch",
         sequence_len=min(cfg["sequence_len"], 512),

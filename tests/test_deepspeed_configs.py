@@ -21,7 +21,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from tests.conftest import write_config
+from tests.conftest import on_tiny_assets, write_config
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
@@ -64,14 +64,7 @@ def test_deepspeed_json_is_a_standard_auto_config(name):
 def _example(name: str, assets: dict[str, Path], tmp_path: Path, **overrides) -> dict:
     raw = yaml.safe_load((DS_DIR / name).read_text())
     assert (REPO / raw["deepspeed"]).is_file(), f"{name}: deepspeed path is relative to the repo root"
-    raw.update(
-        base_model=str(assets["student_sp"]),
-        dskd_teacher=str(assets["teacher"]),
-        datasets=[{"path": str(assets["data"]), "ds_type": "json", "type": "alpaca"}],
-        output_dir=str(tmp_path / "output"),
-        dataset_prepared_path=str(tmp_path / "prepared"),
-        sequence_len=256,
-    )
+    raw.update(**on_tiny_assets(assets, tmp_path, student="student_sp"), sequence_len=256)
     raw.update(overrides)
     return raw
 
