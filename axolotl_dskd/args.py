@@ -1,4 +1,11 @@
-"""The plugin's YAML keys, validated with the rest of the Axolotl config.
+"""The plugin's YAML keys, validated with the rest of the Axolotl config, and the training
+arguments that carry them to the trainer.
+
+One channel, one source of truth: the loss keys (``dskd_kd_rate`` ...) are generated from
+:class:`~axolotl_dskd.loss.DSKDLossConfig` (defaults, ranges, help), the other keys are declared
+here once, and :data:`DSKDTrainingArgsMixin` repeats every key of :class:`DSKDArgs` as a training
+argument, so :class:`~axolotl_dskd.trainer.DSKDTrainer` reads ``self.args.dskd_*`` (the layout of
+Axolotl's own KD plugin).
 
 Value checks run per key; the checks that need the teacher's config and tokenizer (readable,
 long enough, vocabulary, logit form) run once the whole config is known, and still before any
@@ -7,19 +14,33 @@ weights load. Every message names the ``dskd_`` key to change.
 
 from __future__ import annotations
 
-import logging
-from typing import Literal
+import dataclasses
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, create_model, model_validator
 
-from axolotl_dskd.divergences import DIVERGENCES
+from axolotl_dskd.loss import DSKDLossConfig
 
-LOG = logging.getLogger(__name__)
+PREFIX = "dskd_"
+YAML_LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(DSKDLossConfig) if f.name != "cross_tokenizer")
+"""Loss settings with a YAML key of their own; ``cross_tokenizer`` is resolved from
+``dskd_cross_tokenizer: auto`` (a teacher-level choice), below."""
 
-Divergence = Literal[DIVERGENCES]  # type: ignore[valid-type]
+
+def _loss_keys() -> dict[str, Any]:
+    hints = get_type_hints(DSKDLossConfig)
+    keys = {}
+    for f in dataclasses.fields(DSKDLossConfig):
+        if f.name in YAML_LOSS_FIELDS:
+            field = Field(default=f.default, description=f.metadata["doc"], **f.metadata["bounds"])
+            keys[PREFIX + f.name] = (hints[f.name], field)
+    return keys
 
 
-class DSKDArgs(BaseModel):
+_DSKDLossArgs = create_model("_DSKDLossArgs", **_loss_keys())
+
+
+class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
     """Input args for Dual-Space Knowledge Distillation (all inactive without ``dskd_teacher``)."""
 
     dskd_teacher: str | None = Field(
@@ -40,28 +61,25 @@ class DSKDArgs(BaseModel):
         description="vanilla_kd: the paper's baseline, (1-r) CE + r KL(teacher || student) "
         "on logits, same vocabulary only, no projectors.",
     )
-    dskd_kd_rate: float = Field(default=0.5, ge=0.0, le=1.0)
-    dskd_temperature: float = Field(default=2.0, gt=0.0, allow_inf_nan=False)
-    dskd_divergence: Divergence = "forward_kl"
-    dskd_teacher_space_divergence: Divergence = "forward_kl"
-    dskd_skew_lambda: float = Field(default=0.1, gt=0.0, lt=1.0)
-    dskd_akl_alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    dskd_cross_tokenizer: bool | Literal["auto"] = "auto"
-    dskd_projector_lr: float = Field(default=1e-3, gt=0.0, allow_inf_nan=False)
+    dskd_cross_tokenizer: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Cross-model attention (CMA); auto: when the two vocabularies differ.",
+    )
+    dskd_projector_lr: float = Field(
+        default=1e-3, gt=0.0, allow_inf_nan=False, description="Learning rate of the projectors."
+    )
     dskd_projectors: str | None = Field(
         default=None, description="Projectors to start from (a .safetensors file or a folder)."
     )
-    dskd_chunk_size: int | None = Field(default=None, ge=1)
     dskd_on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop",
         description="A NaN/inf loss term stops the run naming the term and step, or skips the micro-batch.",
     )
-    dskd_compile: bool = False
 
     @model_validator(mode="after")
     def _check_teacher(self):  # type: ignore[no-untyped-def]
         if self.dskd_teacher is None:
-            orphans = sorted(k for k in self.model_fields_set if k.startswith("dskd_") and k != "dskd_teacher")
+            orphans = sorted(k for k in self.model_fields_set if k.startswith(PREFIX) and k != "dskd_teacher")
             if orphans:
                 raise ValueError(
                     f"{', '.join(orphans)} set without dskd_teacher: the plugin would do nothing "
@@ -78,3 +96,31 @@ class DSKDArgs(BaseModel):
 
         check_teacher_setup(self)
         return self
+
+
+DSKDTrainingArgsMixin = dataclasses.make_dataclass(
+    "DSKDTrainingArgsMixin",
+    [
+        (name, info.annotation, dataclasses.field(default=info.default, metadata={"help": info.description}))
+        for name, info in DSKDArgs.model_fields.items()
+    ],
+)
+DSKDTrainingArgsMixin.__module__ = __name__
+DSKDTrainingArgsMixin.__doc__ = "Every ``dskd_*`` key of :class:`DSKDArgs`, as a training argument."
+
+
+def training_args(cfg: Any) -> dict[str, Any]:
+    """The validated ``dskd_*`` values of an Axolotl config, for :data:`DSKDTrainingArgsMixin`."""
+    return {name: cfg[name] for name in DSKDArgs.model_fields}
+
+
+def loss_config(args: Any) -> DSKDLossConfig:
+    """The loss settings of a run, read by field name from its ``dskd_*`` training arguments."""
+    if not isinstance(args.dskd_cross_tokenizer, bool):
+        raise TypeError(
+            f"dskd_cross_tokenizer: {args.dskd_cross_tokenizer!r} reached the trainer unresolved; "
+            "Axolotl's config validation resolves auto to true or false."
+        )
+    return DSKDLossConfig(
+        **{f.name: getattr(args, PREFIX + f.name) for f in dataclasses.fields(DSKDLossConfig)}
+    )

@@ -8,7 +8,7 @@ alive and backward is a multiply by the upstream gradient: no recomputation, no 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,9 +26,17 @@ def chunked_token_sum(
 ) -> tuple[Tensor, Tensor]:
     """Sum ``fn`` over chunks of ``chunk_size`` rows of every token input.
 
-    Token inputs share their first dimension (one row per token); shared inputs (LM-head
-    weights) are passed whole to every chunk. Returns ``(loss, stats)``; ``loss`` is
-    differentiable with respect to every input that requires grad.
+    Args:
+        fn: ``fn(*token_chunks, *shared_inputs) -> (loss, stats)``: a 0-d loss and a 1-d vector
+            of detached statistics, both sums over the chunk's rows.
+        token_inputs: Tensors of shape ``[N, ...]`` sharing their first dimension, one row per
+            token (hidden states ``[N, d]``, targets ``[N]``, masks ``[N]``).
+        shared_inputs: Tensors passed whole to every chunk (LM-head weights ``[V, d]``).
+        chunk_size: Rows per chunk; one chunk's ``[chunk_size, V]`` logits exist at a time.
+
+    Returns:
+        ``(loss, stats)``: the 0-d sum of the chunks' losses, differentiable with respect to
+        every input that requires grad, and the sum of their statistics.
     """
     inputs = (*token_inputs, *shared_inputs)
     requires = tuple(t.requires_grad for t in inputs)
@@ -76,18 +84,14 @@ def _forward(
         loss, stats = loss.detach(), stats.detach()
         loss_sum = loss if loss_sum is None else loss_sum + loss
         stats_sum = stats if stats_sum is None else stats_sum + stats
-    grads = token_grads + [
-        None if g is None else g.to(s.dtype) for g, s in zip(shared_grads, shared_inputs)
-    ]
+    grads = token_grads + [None if g is None else g.to(s.dtype) for g, s in zip(shared_grads, shared_inputs)]
     return loss_sum, stats_sum, grads
 
 
 class _ChunkedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, chunk_size, n_token, requires, *inputs):  # type: ignore[override]
-        loss, stats, grads = _forward(
-            fn, chunk_size, inputs[:n_token], inputs[n_token:], requires
-        )
+        loss, stats, grads = _forward(fn, chunk_size, inputs[:n_token], inputs[n_token:], requires)
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(stats)
         return loss, stats

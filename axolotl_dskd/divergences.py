@@ -8,19 +8,21 @@ finite for any finite logits: no ``log(softmax(x))``, no log of zero.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-DIVERGENCES = (
+Divergence = Literal[
     "forward_kl",
     "reverse_kl",
     "js",
     "skew_forward_kl",
     "skew_reverse_kl",
     "adaptive_kl",
-)
+]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:

@@ -36,8 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from axolotl_dskd.evaluate import format_alpaca
 
@@ -60,8 +61,10 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_jsonl(rows: Iterable[dict[str, Any]], path: Path) -> int:
-    """Write rows as UTF-8 JSONL; returns how many."""
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
+    """Write rows as UTF-8 JSONL (creating the folder); returns how many."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -162,20 +165,34 @@ def convert(
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     """Command line entry; prints and returns the split sizes."""
     p = argparse.ArgumentParser(prog="python -m axolotl_dskd.dolly", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True,
-                   help="databricks-dolly-15k.jsonl (instruction/context/response/category)")
+    p.add_argument(
+        "--input", required=True, help="databricks-dolly-15k.jsonl (instruction/context/response/category)"
+    )
     p.add_argument("--out-dir", required=True)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dev-size", type=int, default=DEV_SIZE)
     p.add_argument("--test-size", type=int, default=TEST_SIZE)
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
-                   help="drop rows whose alpaca prompt is longer (MiniLLM uses 256); needs --tokenizer")
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="drop rows whose alpaca prompt is longer (MiniLLM uses 256); needs --tokenizer",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer for --max-prompt-tokens (the student's)")
     args = p.parse_args(argv)
-    counts = convert(args.input, args.out_dir, args.seed, args.dev_size, args.test_size,
-                     args.max_prompt_tokens, args.tokenizer)
-    print(f"{counts['input']} rows read, {counts['kept']} kept: train {counts['train']}, "
-          f"dev {counts['dev']}, test {counts['test']} -> {args.out_dir}")
+    counts = convert(
+        args.input,
+        args.out_dir,
+        args.seed,
+        args.dev_size,
+        args.test_size,
+        args.max_prompt_tokens,
+        args.tokenizer,
+    )
+    print(
+        f"{counts['input']} rows read, {counts['kept']} kept: train {counts['train']}, "
+        f"dev {counts['dev']}, test {counts['test']} -> {args.out_dir}"
+    )
     return counts
 
 

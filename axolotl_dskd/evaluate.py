@@ -32,9 +32,10 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -196,8 +197,8 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def load_model_and_tokenizer(
-    model_path: str,
-    base_model: str | None = None,
+    model_path: str | Path,
+    base_model: str | Path | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> tuple[Any, Any, dict[str, Any]]:
@@ -217,7 +218,7 @@ def load_model_and_tokenizer(
 
     adapter = is_adapter_dir(model_path)
     info: dict[str, Any] = {
-        "model": model_path,
+        "model": str(model_path),
         "adapter": adapter,
         "device": str(dev),
         "dtype": str(torch_dtype).removeprefix("torch."),
@@ -345,8 +346,13 @@ def evaluate(
         gens[str(seed)] = generate(model, tokenizer, prompts, seed, sampling, batch_size, progress)
         sample_scores[str(seed)] = rouge_l(gens[str(seed)], refs)
         per_seed[str(seed)] = statistics.fmean(sample_scores[str(seed)])
-        LOG.info("seed %d: ROUGE-L %.2f (%d samples, %.1fs)",
-                 seed, per_seed[str(seed)], len(prompts), time.perf_counter() - t0)
+        LOG.info(
+            "seed %d: ROUGE-L %.2f (%d samples, %.1fs)",
+            seed,
+            per_seed[str(seed)],
+            len(prompts),
+            time.perf_counter() - t0,
+        )
     scores = list(per_seed.values())
     return {
         "per_seed": per_seed,
@@ -373,15 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="DSKD/MiniLLM evaluation: sampled responses, ROUGE-L x100, mean over seeds.",
     )
     p.add_argument("--model", required=True, help="full model dir/hub id, or LoRA adapter dir")
-    p.add_argument("--base-model", default=None,
-                   help="base for an adapter (default: its base_model_name_or_path)")
+    p.add_argument(
+        "--base-model", default=None, help="base for an adapter (default: its base_model_name_or_path)"
+    )
     p.add_argument("--data", required=True, help="JSONL with prompt/output or instruction/input/output rows")
     p.add_argument("--seeds", type=int, nargs="+", default=list(PAPER_SEEDS))
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="results.json", help="where to write the JSON results")
-    p.add_argument("--prompt-template", choices=["alpaca", "none"], default="alpaca",
-                   help="how instruction rows become prompts (prompt rows are used verbatim)")
+    p.add_argument(
+        "--prompt-template",
+        choices=["alpaca", "none"],
+        default="alpaca",
+        help="how instruction rows become prompts (prompt rows are used verbatim)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
@@ -403,8 +414,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     examples = load_examples(args.data, args.prompt_template, args.limit)
     LOG.info("%d examples from %s", len(examples), args.data)
     model, tokenizer, info = load_model_and_tokenizer(args.model, args.base_model, args.device, args.dtype)
-    LOG.info("loaded %s%s on %s (%s)", args.model, f" over {info['base_model']}" if info["adapter"] else "",
-             info["device"], info["dtype"])
+    LOG.info(
+        "loaded %s%s on %s (%s)",
+        args.model,
+        f" over {info['base_model']}" if info["adapter"] else "",
+        info["device"],
+        info["dtype"],
+    )
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
     t0 = time.perf_counter()
     result = evaluate(model, tokenizer, examples, args.seeds, sampling, args.batch_size)
@@ -431,8 +447,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     per_seed = ", ".join(f"{s}: {v:.2f}" for s, v in out["per_seed"].items())
-    print(f"ROUGE-L {out['mean']:.2f} ± {out['std']:.2f} over seeds ({per_seed})"
-          + (f"; wrote {args.out}" if args.out else ""))
+    print(
+        f"ROUGE-L {out['mean']:.2f} ± {out['std']:.2f} over seeds ({per_seed})"
+        + (f"; wrote {args.out}" if args.out else "")
+    )
     return out
 
 

@@ -1,23 +1,25 @@
 """Dual-Space Knowledge Distillation loss (Zhang et al., EMNLP 2024), framework-free.
 
-The contract is ``shared/dskd-spec.md``. Everything here works from final hidden states and
-LM-head weights: logits only ever exist a chunk of trained tokens at a time
-(:mod:`axolotl_dskd.chunking`), matrix products run in the inputs' precision and every
-softmax and divergence in float32.
+The math, with its notation and where it deliberately differs from the authors' code, is in
+``docs/dskd.md``. Everything here works from final hidden states and LM-head weights: logits
+only ever exist a chunk of trained tokens at a time (:mod:`axolotl_dskd.chunking`), matrix
+products run in the inputs' precision and every softmax and divergence in float32.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from axolotl_dskd.chunking import chunked_token_sum
-from axolotl_dskd.divergences import DIVERGENCES, get_divergence
+from axolotl_dskd.divergences import DIVERGENCES, Divergence, get_divergence
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24
@@ -26,21 +28,46 @@ MASKED_SCORE = -1e5
 METRIC_NAMES = ("ce", "kd_student", "kd_teacher", "t2s_ce", "t2s_acc")
 
 
+def _setting(default: Any, doc: str, **bounds: Any) -> Any:
+    """A loss setting: its default, what it means, and its bounds in pydantic's words (``ge``,
+    ``gt``, ``le``, ``lt``, ``allow_inf_nan``), so that the Axolotl layer's YAML schema is derived
+    from these fields instead of repeating them."""
+    return field(default=default, metadata={"doc": doc, "bounds": bounds})
+
+
+_BOUND_CHECKS: dict[str, tuple[Callable[[float, float], bool], str]] = {
+    "ge": (lambda x, b: x >= b, "at least"),
+    "gt": (lambda x, b: x > b, "greater than"),
+    "le": (lambda x, b: x <= b, "at most"),
+    "lt": (lambda x, b: x < b, "less than"),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class DSKDLossConfig:
-    """Hyperparameters of the DSKD loss; the defaults are the paper's."""
+    """Hyperparameters of the DSKD loss; the defaults are the paper's.
 
-    kd_rate: float = 0.5
-    temperature: float = 2.0
-    divergence: str = "forward_kl"
-    teacher_space_divergence: str = "forward_kl"
-    skew_lambda: float = 0.1
-    akl_alpha: float = 0.5
-    cross_tokenizer: bool = False
-    chunk_size: int | None = None
-    """Trained tokens per vocabulary chunk; ``None`` sizes it to ``CHUNK_ELEMENTS / V``."""
-    compile: bool = False
-    """``torch.compile`` the per-chunk function (CUDA; off where Inductor is unavailable)."""
+    The single source of the defaults and valid ranges: the plugin's ``dskd_<name>`` YAML keys
+    are generated from these fields.
+    """
+
+    kd_rate: float = _setting(
+        0.5, "r in loss = (1 - r) CE + r (kd_student + t2s_ce + kd_teacher).", ge=0.0, le=1.0
+    )
+    temperature: float = _setting(
+        2.0, "Softmax temperature of the distillation terms.", gt=0.0, allow_inf_nan=False
+    )
+    divergence: Divergence = _setting("forward_kl", "Divergence in the student's space (kd_student).")
+    teacher_space_divergence: Divergence = _setting(
+        "forward_kl", "Divergence in the teacher's space (kd_teacher)."
+    )
+    skew_lambda: float = _setting(0.1, "Mixing weight of the skew divergences.", gt=0.0, lt=1.0)
+    akl_alpha: float = _setting(0.5, "Head/tail split of adaptive_kl.", ge=0.0, le=1.0)
+    cross_tokenizer: bool = _setting(False, "Cross-model attention between two tokenizations.")
+    chunk_size: int | None = _setting(
+        None, "Trained tokens per vocabulary chunk; default max(16, 2**24 // vocabulary).", ge=1
+    )
+    compile: bool = _setting(False, "torch.compile the per-chunk function (CUDA).")
 
     def __post_init__(self) -> None:
         for name in ("divergence", "teacher_space_divergence"):
@@ -49,16 +76,16 @@ class DSKDLossConfig:
                     f"{name}={getattr(self, name)!r} is not a divergence; "
                     f"choose one of {', '.join(DIVERGENCES)}"
                 )
-        if not 0.0 <= self.kd_rate <= 1.0:
-            raise ValueError(f"kd_rate={self.kd_rate} must lie in [0, 1]")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be positive")
-        if not 0.0 < self.skew_lambda < 1.0:
-            raise ValueError(f"skew_lambda={self.skew_lambda} must lie strictly between 0 and 1")
-        if not 0.0 <= self.akl_alpha <= 1.0:
-            raise ValueError(f"akl_alpha={self.akl_alpha} must lie in [0, 1]")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"chunk_size={self.chunk_size} must be a positive number of tokens")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or isinstance(value, (bool, str)):
+                continue
+            bounds = f.metadata["bounds"]
+            if not bounds.get("allow_inf_nan", True) and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value} must be finite")
+            for kind, (holds, words) in _BOUND_CHECKS.items():
+                if kind in bounds and not holds(value, bounds[kind]):
+                    raise ValueError(f"{f.name}={value} must be {words} {bounds[kind]}")
 
     def tokens_per_chunk(self, vocab_size: int) -> int:
         return self.chunk_size or max(16, CHUNK_ELEMENTS // vocab_size)
@@ -139,9 +166,7 @@ def _teacher_space_chunk(
     config: DSKDLossConfig,
 ) -> tuple[Tensor, Tensor]:
     """kd_teacher over a chunk of trained teacher tokens. Stats: ``[kd_teacher]`` sum."""
-    divergence = get_divergence(
-        config.teacher_space_divergence, config.skew_lambda, config.akl_alpha
-    )
+    divergence = get_divergence(config.teacher_space_divergence, config.skew_lambda, config.akl_alpha)
     with torch.no_grad():
         log_p = F.log_softmax(_logits(teacher_hidden, lm_head) / config.temperature, dim=-1)
     log_q = F.log_softmax(_logits(s2t_hidden, lm_head) / config.temperature, dim=-1)
@@ -159,6 +184,11 @@ def _shift(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return hidden[:, :-1], targets, targets != IGNORE_INDEX
 
 
+def _shifted(segment_ids: Tensor | None) -> Tensor | None:
+    """The packed sample of each predicting position ``0..L-2``."""
+    return None if segment_ids is None else segment_ids[:, :-1]
+
+
 def _token_counts(mask: Tensor, num_items: int | Tensor | None) -> tuple[Tensor, Tensor]:
     """Trained targets in this micro-batch, and the loss denominator ``N`` (at least 1)."""
     n_trained = mask.sum()
@@ -174,42 +204,46 @@ def _normalized(x: Tensor, valid: Tensor) -> Tensor:
     return x / x[valid].std() if valid.any() else x
 
 
-def _cross_model_attention(
-    proj: Projectors,
-    h_s: Tensor,
-    y_s: Tensor,
-    m_s: Tensor,
-    x_s: Tensor,
-    h_t: Tensor,
-    y_t: Tensor,
-    m_t: Tensor,
-    x_t: Tensor,
-    student_embeddings: Tensor,
-    teacher_embeddings: Tensor,
-    student_segments: Tensor | None,
-    teacher_segments: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Align each side's hidden states to the other's positions (spec, CMA steps 1-6).
+@dataclass(frozen=True)
+class _Side:
+    """One model's view of a micro-batch for cross-model attention, after the shift: hidden
+    states ``h [B, L, d]``, targets ``y [B, L]``, trained mask ``m [B, L]``, input ids
+    ``x [B, L]``, the model's input-embedding matrix ``embeddings [V, d]`` and, for packed rows,
+    the sample each position belongs to (``segments [B, L]``)."""
+
+    h: Tensor
+    y: Tensor
+    m: Tensor
+    x: Tensor
+    embeddings: Tensor
+    segments: Tensor | None
+
+    def index_embeddings(self) -> tuple[Tensor, Tensor]:
+        """Embeddings of the inputs and of the targets, id 0 where the target is untrained."""
+        zero = torch.zeros((), dtype=torch.long, device=self.x.device)
+        e = self.embeddings.detach()
+        return F.embedding(torch.where(self.m, self.x, zero), e), F.embedding(
+            torch.where(self.m, self.y, zero), e
+        )
+
+
+def _cross_model_attention(proj: Projectors, s: _Side, t: _Side) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Align each side's hidden states to the other's positions (``docs/dskd.md``, CMA steps 1-6).
 
     Returns ``t2s_hidden [B, n, d_s]``, ``s2t_hidden [B, m, d_t]`` and the masks of student
     rows / teacher columns that have at least one valid partner in their sample.
     """
     assert proj.query is not None, "cross-tokenizer DSKD needs Projectors(cross_tokenizer=True)"
-    e_s, e_t = student_embeddings.detach(), teacher_embeddings.detach()
-    zero = torch.zeros((), dtype=torch.long, device=x_s.device)
-    y_s_ids, y_t_ids = torch.where(m_s, y_s, zero), torch.where(m_t, y_t, zero)
-    q_idx = torch.cat([F.embedding(torch.where(m_s, x_s, zero), e_s), F.embedding(y_s_ids, e_s)], -1)
-    y_t_emb = F.embedding(y_t_ids, e_t).float()
-    k_idx = torch.cat([F.embedding(torch.where(m_t, x_t, zero), e_t).float(), y_t_emb], -1)
+    x_s_emb, y_s_emb = s.index_embeddings()
+    x_t_emb, y_t_emb = (e.float() for e in t.index_embeddings())
+    query = _project(proj.query, torch.cat([x_s_emb, y_s_emb], -1))
+    key = _normalized(torch.cat([x_t_emb, y_t_emb], -1), t.m)
+    value_t = _project(proj.t2s, _normalized(t.h.float(), t.m) + _normalized(y_t_emb, t.m))
+    value_s = _project(proj.s2t, s.h)
 
-    query = _project(proj.query, q_idx)
-    key = _normalized(k_idx, m_t)
-    value_t = _project(proj.t2s, _normalized(h_t.float(), m_t) + _normalized(y_t_emb, m_t))
-    value_s = _project(proj.s2t, h_s)
-
-    pairs = m_s[:, :, None] & m_t[:, None, :]
-    if student_segments is not None and teacher_segments is not None:
-        pairs = pairs & (student_segments[:, :, None] == teacher_segments[:, None, :])
+    pairs = s.m[:, :, None] & t.m[:, None, :]
+    if s.segments is not None and t.segments is not None:
+        pairs = pairs & (s.segments[:, :, None] == t.segments[:, None, :])
     scores = (query @ key.transpose(-1, -2)) / math.sqrt(key.shape[-1])
     scores = scores + (~pairs).float() * MASKED_SCORE
     t2s_hidden = scores.softmax(-1) @ value_t
@@ -237,10 +271,33 @@ def dskd_loss(
 ) -> DSKDLossOutput:
     """The DSKD loss of one micro-batch: ``(1-r) CE + r (kd_student + t2s_ce + kd_teacher)``.
 
-    ``*_segment_ids`` (``[B, L]``, optional) name the packed sample each position belongs to,
-    so that cross-model attention never pairs tokens of different packed samples.
-    ``num_items`` is the trainer's global count of trained student tokens; without it the
-    loss is a mean over this micro-batch's trained student tokens.
+    Every term is a sum over trained tokens divided by ``num_items``, so micro-batches add up
+    to one large batch. Logits are computed a chunk of trained tokens at a time.
+
+    Args:
+        proj: The trained projectors (``Projectors(d_s, d_t, cross_tokenizer=...)``).
+        student_hidden: ``[B, L_s, d_s]`` final hidden states of the student (with grad).
+        student_lm_head: ``[V_s, d_s]`` the student's LM-head weight (grad if it trains).
+        student_labels: ``[B, L_s]`` student token ids shifted by the trainer's convention
+            (``labels[:, i]`` is the token at ``i``), ``-100`` where untrained.
+        teacher_hidden: ``[B, L_t, d_t]`` final hidden states of the frozen teacher
+            (``L_t == L_s`` with one vocabulary).
+        teacher_lm_head: ``[V_t, d_t]`` the teacher's LM-head weight (never trained).
+        teacher_labels: ``[B, L_t]`` the teacher's labels; with one vocabulary, the student's.
+        student_input_ids: ``[B, L_s]`` cross-tokenizer only: the student's input ids.
+        teacher_input_ids: ``[B, L_t]`` cross-tokenizer only: the teacher's input ids.
+        student_embeddings: ``[V_s, d_s]`` cross-tokenizer only: the student's input embeddings.
+        teacher_embeddings: ``[V_t, d_t]`` cross-tokenizer only: the teacher's input embeddings.
+        config: Hyperparameters; ``config.cross_tokenizer`` selects cross-model attention.
+        num_items: The trainer's global count of trained student targets in the optimizer step
+            (all micro-batches, all processes); ``None``: this micro-batch's count.
+        student_segment_ids: ``[B, L_s]`` the packed sample of each position (optional), so
+            that cross-model attention never pairs tokens of different packed samples.
+        teacher_segment_ids: ``[B, L_t]`` the same for the teacher's tokens.
+
+    Returns:
+        ``DSKDLossOutput``: the 0-d ``loss`` and detached ``metrics`` (``ce``, ``kd_student``,
+        ``kd_teacher``, ``t2s_ce`` over ``num_items``; ``t2s_acc`` over this batch's tokens).
     """
     h_s, y_s, m_s = _shift(student_hidden, student_labels)
     n_trained, denom = _token_counts(m_s, num_items)
@@ -253,14 +310,13 @@ def dskd_loss(
         if student_embeddings is None or teacher_embeddings is None:
             raise ValueError("cross-tokenizer DSKD needs student_embeddings and teacher_embeddings")
         h_t, y_t, m_t = _shift(teacher_hidden, teacher_labels)
-        t2s_hidden, s2t_hidden, row_valid, col_valid = _cross_model_attention(
-            proj,
-            h_s, y_s, m_s, student_input_ids[:, :-1],
-            h_t, y_t, m_t, teacher_input_ids[:, :-1],
-            student_embeddings, teacher_embeddings,
-            None if student_segment_ids is None else student_segment_ids[:, :-1],
-            None if teacher_segment_ids is None else teacher_segment_ids[:, :-1],
-        )  # fmt: skip
+        student = _Side(
+            h_s, y_s, m_s, student_input_ids[:, :-1], student_embeddings, _shifted(student_segment_ids)
+        )
+        teacher = _Side(
+            h_t, y_t, m_t, teacher_input_ids[:, :-1], teacher_embeddings, _shifted(teacher_segment_ids)
+        )
+        t2s_hidden, s2t_hidden, row_valid, col_valid = _cross_model_attention(proj, student, teacher)
         t2s_tokens, t2s_valid = t2s_hidden[m_s], row_valid[m_s]
         s2t_tokens, teacher_tokens, tea_valid = s2t_hidden[m_t], h_t[m_t], col_valid[m_t]
     else:
@@ -332,6 +388,15 @@ def vanilla_kd_loss(
 
     Reported under the same metric names (``kd_student`` is the KD term; no projectors, so
     ``kd_teacher``, ``t2s_ce`` and ``t2s_acc`` are 0), for side-by-side comparisons.
+
+    Args:
+        student_hidden: ``[B, L, d_s]`` final hidden states of the student (with grad).
+        student_lm_head: ``[V, d_s]`` the student's LM-head weight (grad if it trains).
+        student_labels: ``[B, L]`` token ids, ``-100`` where untrained.
+        teacher_hidden: ``[B, L, d_t]`` final hidden states of the frozen teacher, same tokens.
+        teacher_lm_head: ``[V, d_t]`` the teacher's LM-head weight, same vocabulary ``V``.
+        config: Hyperparameters (``kd_rate``, ``temperature``, ``divergence`` and its parameters).
+        num_items: As in :func:`dskd_loss`.
     """
     if student_lm_head.shape[0] != teacher_lm_head.shape[0]:
         raise ValueError(

@@ -14,7 +14,8 @@ import torch
 from axolotl.integrations.base import BasePlugin
 from transformers import AutoConfig, AutoTokenizer, TrainingArguments, set_seed
 
-from axolotl_dskd.loss import DSKDLossConfig, Projectors
+from axolotl_dskd.args import training_args
+from axolotl_dskd.loss import Projectors
 from axolotl_dskd.models import causal_lm
 from axolotl_dskd.projector_io import load_projectors
 from axolotl_dskd.teacher import context_length, load_teacher
@@ -31,25 +32,13 @@ def teacher_dtype(cfg: Any) -> torch.dtype:
     """``dskd_teacher_dtype``; ``auto`` follows the training precision."""
     if cfg.dskd_teacher_dtype != "auto":
         return getattr(torch, cfg.dskd_teacher_dtype)
-    if cfg.bf16 is True or (cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+    if cfg.bf16 is True or (
+        cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ):
         return torch.bfloat16
     if cfg.fp16:
         return torch.float16
     return torch.float32
-
-
-def loss_config(cfg: Any) -> DSKDLossConfig:
-    return DSKDLossConfig(
-        kd_rate=cfg.dskd_kd_rate,
-        temperature=cfg.dskd_temperature,
-        divergence=cfg.dskd_divergence,
-        teacher_space_divergence=cfg.dskd_teacher_space_divergence,
-        skew_lambda=cfg.dskd_skew_lambda,
-        akl_alpha=cfg.dskd_akl_alpha,
-        cross_tokenizer=bool(cfg.dskd_cross_tokenizer),
-        chunk_size=cfg.dskd_chunk_size,
-        compile=cfg.dskd_compile,
-    )
 
 
 def warn_special_token_differences(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
@@ -83,6 +72,12 @@ class DSKDPlugin(BasePlugin):
 
     def get_input_args(self) -> str:
         return "axolotl_dskd.args.DSKDArgs"
+
+    def get_training_args_mixin(self) -> str:
+        return "axolotl_dskd.args.DSKDTrainingArgsMixin"
+
+    def get_training_args(self, cfg: Any) -> dict[str, Any]:
+        return training_args(cfg)
 
     def get_trainer_cls(self, cfg: Any) -> type | None:
         if not cfg.dskd_teacher:
@@ -123,13 +118,13 @@ class DSKDPlugin(BasePlugin):
 
         if not cfg.dskd_teacher or not isinstance(trainer, DSKDTrainer):
             return
-        config = loss_config(cfg)
+        cross_tokenizer = trainer.loss_config.cross_tokenizer
         LOG.info(
             "DSKD: %s (teacher %s)",
-            "cross-tokenizer, cross-model attention (CMA)" if config.cross_tokenizer else "same vocabulary",
+            "cross-tokenizer, cross-model attention (CMA)" if cross_tokenizer else "same vocabulary",
             cfg.dskd_teacher,
         )
-        if config.cross_tokenizer:
+        if cross_tokenizer:
             warn_special_token_differences(trainer.processing_class, _teacher_tokenizer(cfg))
         teacher = load_teacher(
             cfg.dskd_teacher,
@@ -145,14 +140,12 @@ class DSKDPlugin(BasePlugin):
             projectors = Projectors(
                 causal_lm(trainer.model).config.get_text_config().hidden_size,
                 teacher.config.get_text_config().hidden_size,
-                cross_tokenizer=config.cross_tokenizer,
+                cross_tokenizer=cross_tokenizer,
             )
             if cfg.dskd_projectors:
                 load_projectors(projectors, cfg.dskd_projectors, key="dskd_projectors")
                 LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
-        trainer.attach_teacher(
-            teacher, projectors, config, cfg.dskd_projector_lr, cfg.dskd_method, cfg.dskd_on_nonfinite
-        )
+        trainer.attach_teacher(teacher, projectors)
         self._trainer = trainer
 
     def post_train(self, cfg: Any, model: Any) -> None:

@@ -69,7 +69,7 @@ def read_projector_shapes(path: str | os.PathLike, key: str) -> tuple[Path, dict
         raise ValueError(f"{key}: no projector file at {str(file)!r}")
     try:
         with safe_open(file, framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not iterable
     except Exception as exc:  # safetensors raises its own error types on a bad header
         raise ValueError(f"{key}: {str(file)!r} is not a readable safetensors file ({exc})") from exc
     return file, shapes

@@ -42,20 +42,21 @@ Framework-free: torch and a Hugging Face tokenizer only, picklable for DataLoade
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from axolotl_dskd.loss import IGNORE_INDEX
+
 __all__ = [
-    "IGNORE_INDEX",
     "RoundTripStats",
     "TeacherTokenBuilder",
     "sample_segments",
     "special_token_differences",
 ]
 
-IGNORE_INDEX = -100
 _REPLACEMENT = "\ufffd"
 # Texts put in front of a run so that a sentencepiece-style teacher does not prepend "▁" to it;
 # the first whose tokens stay a separate prefix of the encoding is used.
@@ -397,11 +398,19 @@ class TeacherTokenBuilder:
     # -- a batch ------------------------------------------------------------------------------------
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """``teacher_input_ids``, ``teacher_attention_mask``, ``teacher_labels``,
-        ``teacher_position_ids`` ``[B, Lt]``, ``student_segment_ids`` ``[B, L]`` and
-        ``teacher_segment_ids`` ``[B, Lt]`` (packed-sample index per position, -1 on padding).
+        """The teacher's tokens of a student batch, to merge into the batch.
 
-        Only the new keys are returned; merge them into the batch.
+        Args:
+            batch: A collated student batch: ``input_ids`` and ``labels`` ``[B, L]`` (``-100``
+                untrained), optionally ``attention_mask`` ``[B, L]`` (0 on padding) and
+                ``position_ids`` ``[B, L]`` (a restart begins a packed sample).
+
+        Returns:
+            Only the new keys: ``teacher_input_ids``, ``teacher_attention_mask``,
+            ``teacher_labels`` and ``teacher_position_ids`` ``[B, L_t]`` (right-padded to the
+            longest row, or to a multiple of ``pad_to_multiple_of``), ``student_segment_ids``
+            ``[B, L]`` and ``teacher_segment_ids`` ``[B, L_t]`` (the packed sample of each
+            position, -1 on padding).
         """
         input_ids = torch.as_tensor(batch["input_ids"])
         device = input_ids.device

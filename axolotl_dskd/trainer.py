@@ -1,9 +1,11 @@
 """The Axolotl trainer that distills: student and teacher forwards, the DSKD loss, projectors.
 
-The projectors live beside the model, not in it, so the student's saved weights stay a plain
-model; they get their own optimizer group (``dskd_projector_lr``, same schedule) and are saved
-into every checkpoint and restored on resume. The trainer zeroes only the model's gradients
-after each optimizer step, so a callback zeroes the projectors' too.
+Every setting comes from the training arguments (``self.args.dskd_*``, see
+:mod:`axolotl_dskd.args`); the plugin hands over only what it loads, the teacher and the
+projectors. The projectors live beside the model, not in it, so the student's saved weights
+stay a plain model; they get their own optimizer group (``dskd_projector_lr``, same schedule)
+and are saved into every checkpoint and restored on resume. The trainer zeroes only the
+model's gradients after each optimizer step, so a callback zeroes the projectors' too.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from torch import Tensor, nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from typing_extensions import override
 
+from axolotl_dskd.args import loss_config
 from axolotl_dskd.loss import (
+    IGNORE_INDEX,
     METRIC_NAMES,
-    DSKDLossConfig,
     DSKDLossOutput,
     Projectors,
     dskd_loss,
@@ -66,40 +69,48 @@ class ZeroProjectorGrads(TrainerCallback):
         self.projectors.zero_grad(set_to_none=True)
 
 
-class DSKDTrainer(AxolotlTrainer):
+class _StudentPerplexityLog(Trainer):
+    """Axolotl logs ``ppl`` as ``exp(loss)``; under DSKD the loss mixes in the distillation
+    terms, so the perplexity worth reading is the student's own, ``exp(dskd/ce)``. This class
+    sits between AxolotlTrainer and Trainer in the MRO: there the stored ``dskd/*`` metrics
+    are already in ``logs`` and the callbacks have not seen them yet."""
+
+    @override
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for prefix in ("", "eval_"):
+            ce = logs.get(f"{prefix}dskd/ce")
+            if ce is not None and f"{prefix}ppl" in logs:
+                logs[f"{prefix}ppl"] = math.exp(ce) if ce < 700 else float("inf")
+        super().log(logs, start_time)
+
+
+class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
     """AxolotlTrainer whose loss is DSKD against a frozen teacher (see ``attach_teacher``)."""
 
-    teacher: nn.Module | None = None
-    projectors: Projectors | None = None
-    loss_config: DSKDLossConfig | None = None
-    projector_lr: float = 1e-3
-    method: str = "dskd"
-    on_nonfinite: str = "stop"
-    nonfinite_skipped: int = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not hasattr(self.args, "dskd_kd_rate"):
+            raise TypeError(
+                f"DSKDTrainer needs training arguments with the dskd_* fields, but got "
+                f"{type(self.args).__name__} without them: Axolotl adds a plugin's fields when "
+                "axolotl.core.training_args is first imported, so register the plugin before that."
+            )
+        self.loss_config = loss_config(self.args)
+        self.teacher: nn.Module | None = None
+        self.projectors: Projectors | None = None
+        self.nonfinite_skipped = 0
+        # the loss is a sum over tokens divided by the trainer's global token count
+        self.model_accepts_loss_kwargs = True
 
-    def attach_teacher(
-        self,
-        teacher: nn.Module,
-        projectors: Projectors | None,
-        loss_config: DSKDLossConfig,
-        projector_lr: float,
-        method: str = "dskd",
-        on_nonfinite: str = "stop",
-    ) -> None:
+    def attach_teacher(self, teacher: nn.Module, projectors: Projectors | None) -> None:
         """Distill from ``teacher`` from now on; called once, before training starts.
 
-        ``method="vanilla_kd"`` is the paper's logit-KD baseline and takes no projectors.
+        ``dskd_method: vanilla_kd`` (the paper's logit-KD baseline) takes no projectors.
         """
         self.teacher = teacher
         self.projectors = None if projectors is None else projectors.to(self.args.device)
-        self.loss_config = loss_config
-        self.projector_lr = projector_lr
-        self.method = method
-        self.on_nonfinite = on_nonfinite
         if self.projectors is not None:
             self.add_callback(ZeroProjectorGrads(self.projectors))
-        # the loss is a sum over tokens divided by the trainer's global token count
-        self.model_accepts_loss_kwargs = True
 
     @override
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -109,7 +120,11 @@ class DSKDTrainer(AxolotlTrainer):
             params = [p for p in self.projectors.parameters() if id(p) not in known]
             if params:
                 optimizer.add_param_group(
-                    {"params": params, "lr": self.projector_lr, "weight_decay": self.args.weight_decay}
+                    {
+                        "params": params,
+                        "lr": self.args.dskd_projector_lr,
+                        "weight_decay": self.args.weight_decay,
+                    }
                 )
         return optimizer
 
@@ -153,16 +168,16 @@ class DSKDTrainer(AxolotlTrainer):
         teacher_hidden = teacher_hidden_states(
             self.teacher, **self._teacher_forward_inputs(inputs, teacher_inputs)
         )
-        common = dict(
-            student_hidden=student_hidden,
-            student_lm_head=lm_head_weight(model),
-            student_labels=labels,
-            teacher_hidden=teacher_hidden,
-            teacher_lm_head=lm_head_weight(self.teacher),
-            config=self.loss_config,
-            num_items=num_items_in_batch,
-        )
-        if self.method == "vanilla_kd":
+        common = {
+            "student_hidden": student_hidden,
+            "student_lm_head": lm_head_weight(model),
+            "student_labels": labels,
+            "teacher_hidden": teacher_hidden,
+            "teacher_lm_head": lm_head_weight(self.teacher),
+            "config": self.loss_config,
+            "num_items": num_items_in_batch,
+        }
+        if self.args.dskd_method == "vanilla_kd":
             return vanilla_kd_loss(**common)
         if self.loss_config.cross_tokenizer:
             return dskd_loss(
@@ -182,7 +197,7 @@ class DSKDTrainer(AxolotlTrainer):
         terms = ("ce", "kd_student", "t2s_ce", "kd_teacher")
         bad = [name for name in terms if not math.isfinite(float(out.metrics[name]))]
         where = f"{', '.join(bad) or 'the total'} at step {self.state.global_step + 1}"
-        if self.on_nonfinite == "stop":
+        if self.args.dskd_on_nonfinite == "stop":
             raise FloatingPointError(
                 f"DSKD: non-finite {where}. Common causes: fp16 overflow in the models, a diverging "
                 "learning rate, a broken teacher. Set dskd_on_nonfinite: skip to skip such steps."
@@ -198,7 +213,9 @@ class DSKDTrainer(AxolotlTrainer):
     ) -> dict[str, Tensor]:
         """The teacher's own tokens (cross-tokenizer) or the student's."""
         if self.loss_config.cross_tokenizer:
-            forward = {k.removeprefix("teacher_"): v for k, v in teacher_inputs.items() if k != "teacher_labels"}
+            forward = {
+                k.removeprefix("teacher_"): v for k, v in teacher_inputs.items() if k != "teacher_labels"
+            }
         else:
             forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         if self._packed():
@@ -215,7 +232,7 @@ class DSKDTrainer(AxolotlTrainer):
         self, metrics: dict[str, Tensor], num_items: Tensor | int | None, labels: Tensor
     ) -> None:
         # metrics are divided by the global token count: rescale to a per-micro-batch mean
-        local = (labels[:, 1:] != -100).sum().clamp_min(1)
+        local = (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
         scale = 1.0 if num_items is None else float(num_items) / float(local)
         prefix = "dskd/" if self.model.training else "eval_dskd/"
         values = {

@@ -3,9 +3,9 @@
 Everything runs as users run it: each arm is an Axolotl YAML (``example_configs/quickstart.yml``
 with the arm's student, method and seed) trained by ``accelerate launch -m axolotl.cli.train``;
 the plugin is loaded by its bare name, the teacher in 4 bits. Nothing is downloaded: the models
-are tiny and made locally by :mod:`axolotl_dskd.tiny` (cached in ``.cache/tiny/arithmetic``).
+are tiny and made locally by :mod:`dskd_devkit` (cached in ``.cache/tiny/arithmetic``).
 
-The task (:data:`axolotl_dskd.tiny.ARITHMETIC`): a digit added to a number below 100, in words
+The task (:data:`dskd_devkit.assets.ARITHMETIC`): a digit added to a number below 100, in words
 (``"forty-three plus nine ="`` -> ``"fifty-two"``). The knowledge is in the teacher: a Qwen2
 (byte-level BPE) trained on all 800 problems that are not held out, clean. The students (Llama,
 pretrained on counting text only) get 256 of those problems, 15% of them with a wrong answer
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import concurrent.futures as futures
 import copy
 import hashlib
 import json
@@ -53,13 +52,17 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from axolotl_dskd import tiny
+from axolotl_dskd import dolly
+from axolotl_dskd.evaluate import load_model_and_tokenizer
+from dskd_devkit import axolotl_runs, scoring
+from dskd_devkit.assets import ARITHMETIC, ARITHMETIC_NAME, DEFAULT_CACHE, TinySpec, cached_assets
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO / "example_configs" / "quickstart.yml"
@@ -101,7 +104,9 @@ def say(msg: str) -> None:
 # -------------------------------------------------------------------------------------- runs
 
 
-def arm_config(base: dict, arm: Arm, assets: dict[str, Path], seed: int, run_dir: Path, steps: int | None) -> dict:
+def arm_config(
+    base: dict, arm: Arm, assets: dict[str, Path], seed: int, run_dir: Path, steps: int | None
+) -> dict:
     """The quickstart YAML with this arm's student, method, seed and folders."""
     cfg = copy.deepcopy(base)
     cfg["base_model"] = str(assets[arm.student])
@@ -112,13 +117,13 @@ def arm_config(base: dict, arm: Arm, assets: dict[str, Path], seed: int, run_dir
     if steps:
         cfg["max_steps"] = steps
     if arm.method is None:
-        return tiny.without_distillation(cfg)
+        return axolotl_runs.without_distillation(cfg)
     cfg["dskd_teacher"] = str(assets["teacher"])
     cfg["dskd_method"] = arm.method
     return cfg
 
 
-def run_key(cfg: dict, spec: tiny.TinySpec) -> str:
+def run_key(cfg: dict, spec: TinySpec) -> str:
     """What decides a run's scores: its config and the assets it trains on."""
     blob = json.dumps({"config": cfg, "assets": spec.key()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -145,7 +150,12 @@ def train(cfg: dict, run_dir: Path, threads: int) -> tuple[float, str]:
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     start = time.time()
     proc = subprocess.run(
-        tiny.axolotl_train_command(config), cwd=REPO, env=tiny.axolotl_env(threads), capture_output=True, text=True
+        axolotl_runs.train_command(config),
+        cwd=REPO,
+        env=axolotl_runs.train_env(threads),
+        capture_output=True,
+        text=True,
+        check=False,
     )
     log = proc.stdout + proc.stderr
     (run_dir / "train.log").write_text(log)
@@ -155,8 +165,8 @@ def train(cfg: dict, run_dir: Path, threads: int) -> tuple[float, str]:
 
 
 def evaluate(model_dir: Path, base_model: Path | None, eval_rows: list[dict]) -> dict[str, Any]:
-    model, tokenizer = tiny.load_trained(model_dir, base_model)
-    return asdict(tiny.evaluate_task(model, tokenizer, eval_rows))
+    model, tokenizer, _ = load_model_and_tokenizer(model_dir, base_model, device="cpu")
+    return asdict(scoring.evaluate_task(model, tokenizer, eval_rows))
 
 
 def run_one(
@@ -166,7 +176,7 @@ def run_one(
     arm = ARMS[name]
     run_dir = Path(args.work) / f"{name}-seed{seed}"
     cfg = arm_config(base, arm, assets, seed, run_dir, args.steps)
-    key = run_key(cfg, tiny.ARITHMETIC)
+    key = run_key(cfg, ARITHMETIC)
     scores_file = run_dir / "scores.json"
     if not args.fresh and scores_file.is_file():
         saved = json.loads(scores_file.read_text())
@@ -251,9 +261,11 @@ def markdown(report: dict[str, Any]) -> str:
     seeds = ", ".join(map(str, report["seeds"]))
     lines += [
         "",
-        f"Mean ± sample standard deviation over seeds {seeds}; {report['eval_rows']} held-out problems, "
-        "greedy decoding. Answer NLL: the reference answer's total NLL (comparable across tokenizers); "
-        "token NLL: per answer token (EOS included) in the student's own tokenization.",
+        (
+            f"Mean ± sample standard deviation over seeds {seeds}; {report['eval_rows']} held-out problems, "
+            "greedy decoding. Answer NLL: the reference answer's total NLL (comparable across tokenizers); "
+            "token NLL: per answer token (EOS included) in the student's own tokenization."
+        ),
         "",
         "| Claim | EM difference (points) | Per-seed EM differences | Answer NLL difference | Holds on EM / NLL |",
         "|---|---|---|---|---|",
@@ -264,8 +276,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {v['claim']} | {100 * v['em_diff']:+.1f} | {paired} | {v['answer_nll_diff']:+.3f} "
             f"| {'yes' if v['holds_on_em'] else 'no'} / {'yes' if v['holds_on_nll'] else 'no'} |"
         )
-    lines += ["", f"Command: `{report['command']}` ({report['wall_seconds'] / 60:.1f} min, "
-              f"{report['jobs']} runs at a time, {report['threads']} thread each)."]  # fmt: skip
+    lines += ["", (f"Command: `{report['command']}` ({report['wall_seconds'] / 60:.1f} min, "
+              f"{report['jobs']} runs at a time, {report['threads']} thread each).")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -277,7 +289,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     s = report["summary"]
     names = list(s)
-    colors = {"sft": "#9e9e9e", "vanilla_kd": "#f2a541", "dskd": "#2a7ab0", "sft_sp": "#c7c7c7", "dskd_cma": "#3aa17e"}
+    colors = {
+        "sft": "#9e9e9e",
+        "vanilla_kd": "#f2a541",
+        "dskd": "#2a7ab0",
+        "sft_sp": "#c7c7c7",
+        "dskd_cma": "#3aa17e",
+    }
     labels = [s[n]["label"].replace(" (SP student)", "\n(SP student)") for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, metric, title in (
@@ -287,9 +305,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
         scale = 100 if metric == "exact_match" else 1
         means = [scale * s[n][metric]["mean"] for n in names]
         stds = [scale * s[n][metric]["std"] for n in names]
-        bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=[colors.get(n, "#777") for n in names])
+        bars = ax.bar(
+            range(len(names)), means, yerr=stds, capsize=4, color=[colors.get(n, "#777") for n in names]
+        )
         for i, n in enumerate(names):
-            ax.plot([i] * len(s[n][metric]["values"]), [scale * v for v in s[n][metric]["values"]], "k.", markersize=4)
+            ax.plot(
+                [i] * len(s[n][metric]["values"]),
+                [scale * v for v in s[n][metric]["values"]],
+                "k.",
+                markersize=4,
+            )
         teacher = scale * report["teacher"][metric]
         ax.axhline(teacher, color="#b03a2e", linestyle="--", linewidth=1)
         ax.text(len(names) - 0.5, teacher, "teacher", color="#b03a2e", ha="right", va="bottom", fontsize=8)
@@ -320,28 +345,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--fresh", action="store_true", help="retrain runs that have scores")
     args = parser.parse_args(argv)
-    command = " ".join(["python benchmarks/distill_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        ["python benchmarks/distill_quality.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    os.environ.update(axolotl_runs.OFFLINE_ENV)  # before transformers is imported
 
     import torch
     from transformers.utils import logging as hf_logging
 
-    tiny.quiet_library_logs()
+    axolotl_runs.quiet_library_logs()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     os.chdir(REPO)
-    say(f"[assets] teacher and students (cached in {tiny.DEFAULT_CACHE / tiny.ARITHMETIC_NAME})")
-    assets = tiny.cached_assets(
-        tiny.ARITHMETIC, name=tiny.ARITHMETIC_NAME, log=lambda m: say(f"[assets] {m}"), threads=args.threads
+    say(f"[assets] teacher and students (cached in {DEFAULT_CACHE / ARITHMETIC_NAME})")
+    assets = cached_assets(
+        ARITHMETIC, name=ARITHMETIC_NAME, log=lambda m: say(f"[assets] {m}"), threads=args.threads
     )
     assets = {k: v.resolve() for k, v in assets.items()}
-    eval_rows = tiny.read_jsonl(assets["eval"])
+    eval_rows = dolly.read_jsonl(assets["eval"])
     teacher = evaluate(assets["teacher"], None, eval_rows)
     say(f"[assets] teacher: held-out exact match {100 * teacher['exact_match']:.1f}%")
     base = yaml.safe_load(BASE_CONFIG.read_text())
 
     # the distillation runs (the longer ones) first: fewer runs left alone on a core at the end
-    jobs = sorted(((n, s) for s in args.seeds for n in args.arms), key=lambda job: ARMS[job[0]].method is None)
+    jobs = sorted(
+        ((n, s) for s in args.seeds for n in args.arms), key=lambda job: ARMS[job[0]].method is None
+    )
     runs: list[dict] = []
     with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         pending = [pool.submit(run_one, n, s, base, assets, eval_rows, args) for n, s in jobs]
@@ -356,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "task": "arithmetic in words: a digit added to a number below 100",
         "command": command,
-        "spec": asdict(tiny.ARITHMETIC),
+        "spec": asdict(ARITHMETIC),
         "config": str(BASE_CONFIG.relative_to(REPO)),
         "max_steps": args.steps or base["max_steps"],
         "seeds": args.seeds,

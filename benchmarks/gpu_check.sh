@@ -8,8 +8,8 @@
 #
 # Steps (each prints PASS/FAIL/SKIP <step>; the exit code is 0 iff nothing FAILed):
 #   install     the carried wheels into $SITE (pip --no-index --no-deps --target)
-#   smoke       the shared 3-minute smoke check (../shared/gpu/check.sh), shortened, if present
-#   pytest_gpu  pytest -m gpu tests/test_gpu.py: 4-bit nf4 and 8-bit teachers on CUDA, the loss
+#   smoke       a 3-minute smoke check of the GPU machine ($SMOKE_SCRIPT), shortened, if given
+#   pytest_gpu  pytest -m gpu tests/unit/test_gpu.py: 4-bit nf4 and 8-bit teachers on CUDA, the loss
 #               in bf16 against float32 (same vocabulary and CMA), a trainer-shaped step
 #   make_models random-weight models with real shapes, made on the GPU and saved: a TinyLlama-1.1B
 #               student, a Llama-2-7B teacher (same vocabulary), a Qwen2.5-3B teacher (CMA), with
@@ -27,7 +27,9 @@
 #
 # Env: DEVICE (cuda|cpu), PY, WHL (./.whl), SITE (/tmp/site), WORK (/tmp/dskd_gpu_check, wiped),
 # OUT (results; default ./outputs/gpu_check), TOTAL_S (time budget, 450), BENCH_S (150),
-# SKIP_INSTALL=1, SMOKE=0, SMOKE_S (70), SMOKE_SCRIPT, MODELS (model folder, kept between runs),
+# SKIP_INSTALL=1, SMOKE=0, SMOKE_S (70), SMOKE_SCRIPT (the smoke check), FETCH_SCRIPT (a script
+# that downloads the axolotl + bitsandbytes wheels into the folder it is given), MODELS (model
+# folder, kept between runs),
 # ZERO=0 (skip the DeepSpeed runs), ZERO_PATCHED=0 (no patched reruns), STEPS (the steps to run,
 # default "smoke pytest_gpu make_models bench e2e_cma zero2"; models already in $MODELS are
 # reused), DS_SITE (CPU dry run: a folder with deepspeed importable).
@@ -59,22 +61,13 @@ STEPS=${STEPS:-smoke pytest_gpu make_models bench e2e_cma zero2}
 BUDGET_MIB=64
 
 # ==================================================================================== fetch
-find_shared() {  # the shared GPU tools, wherever this checkout sits
-  local f
-  for f in "$REPO/../shared/gpu/$1" "$REPO/shared/gpu/$1" "/work/shared/gpu/$1"; do
-    [ -f "$f" ] && { echo "$f"; return 0; }
-  done
-  return 1
-}
-
 if [ "$MODE" = fetch ]; then
-  # Where PyPI is reachable: the 22 wheels of the shared fetch script (axolotl 0.19 +
-  # bitsandbytes 0.50.2 for CPython 3.12), plus DeepSpeed (sdist only on PyPI: built here as a
+  # Where PyPI is reachable: the wheels of $FETCH_SCRIPT (axolotl + bitsandbytes for the GPU
+  # machine's CPython 3.12), plus DeepSpeed (sdist only on PyPI: built here as a
   # pure-python wheel, ops compiled just-in-time if ever needed) and its small dependencies.
   set -e
   mkdir -p "$WHL"
-  FETCH=${FETCH_SCRIPT:-$(find_shared fetch_wheels.sh || true)}
-  if [ -n "$FETCH" ]; then bash "$FETCH" "$WHL"; else echo "fetch_wheels.sh not found; DeepSpeed only"; fi
+  if [ -n "${FETCH_SCRIPT:-}" ]; then bash "$FETCH_SCRIPT" "$WHL"; else echo "FETCH_SCRIPT not set; DeepSpeed only"; fi
   TMP=$(mktemp -d)
   "$PY" -m pip download -q --no-deps -d "$TMP" "deepspeed>=0.18.6,<0.19"
   DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WHL" "$TMP"/deepspeed-*.tar.gz \
@@ -90,7 +83,7 @@ if [ "$MODE" = fetch ]; then
         "$WHL"/ninja-*.whl "$WHL"/einops-*.whl 2>/dev/null | tail -1 | cut -f1)
   awk -v w="$whl" -v r="$repo" -v d="$ds" -v b="$BUDGET_MIB" 'BEGIN {
     m = 1048576; printf "wheels %.1f MiB (DeepSpeed and its deps %.1f MiB) + repo %.1f MiB = %.1f MiB of %d MiB\n",
-    w/m, d/m, r/m, (w+r)/m, b; if ((w+r)/m > b) { print "OVER BUDGET: slim bitsandbytes (shared tools/slim_bnb_wheel.py) or drop DeepSpeed"; exit 1 } }'
+    w/m, d/m, r/m, (w+r)/m, b; if ((w+r)/m > b) { print "OVER BUDGET: slim the bitsandbytes wheel (keep its CPU and CUDA 13 libraries) or drop DeepSpeed"; exit 1 } }'
   exit $?
 fi
 
@@ -221,21 +214,24 @@ cat > "$WORK/make_data.py" <<'PYEOF'
 """Alpaca rows for the axolotl runs: long ones (hundreds of tokens) and tiny models for ZeRO."""
 import random, sys
 from pathlib import Path
-from axolotl_dskd import tiny
+from axolotl_dskd.dolly import write_jsonl
+from dskd_devkit.task import arithmetic_rows, task_corpus
+from dskd_devkit.tiny_tokenizers import bpe_tokenizer, sentencepiece_tokenizer
+from dskd_devkit.training import save_pair, tiny_model
 work = Path(sys.argv[1])
-rows = tiny.arithmetic_rows(64 * 24, seed=0)
+rows = arithmetic_rows(64 * 24, seed=0)
 long_rows = []
 for i in range(64):
     chunk = rows[i * 24:(i + 1) * 24]
     long_rows.append({"instruction": "Add each pair of numbers and explain.", "input": chunk[0]["input"],
                       "output": " ".join(f"{r['input']} is {r['output']}." for r in chunk)})
-tiny.write_jsonl(long_rows, work / "data" / "long.jsonl")
-tiny.write_jsonl(tiny.arithmetic_rows(64, seed=1), work / "data" / "short.jsonl")
-corpus = tiny.task_corpus()
-bpe = tiny.bpe_tokenizer(corpus)
-sp = tiny.sentencepiece_tokenizer(corpus, pad_token="</s>")
-tiny.save_pair(tiny.tiny_model("qwen2", bpe, hidden_size=128, seed=0), bpe, work / "tiny" / "teacher")
-tiny.save_pair(tiny.tiny_model("llama", sp, hidden_size=64, seed=2), sp, work / "tiny" / "student_sp")
+write_jsonl(long_rows, work / "data" / "long.jsonl")
+write_jsonl(arithmetic_rows(64, seed=1), work / "data" / "short.jsonl")
+corpus = task_corpus()
+bpe = bpe_tokenizer(corpus)
+sp = sentencepiece_tokenizer(corpus, pad_token="</s>")
+save_pair(tiny_model("qwen2", bpe, hidden_size=128, seed=0), bpe, work / "tiny" / "teacher")
+save_pair(tiny_model("llama", sp, hidden_size=64, seed=2), sp, work / "tiny" / "student_sp")
 print("data and tiny models under", work)
 PYEOF
 
@@ -432,11 +428,11 @@ run_train() {
 }
 
 # ==================================================================================== smoke
-SMOKE_SCRIPT=${SMOKE_SCRIPT:-$(find_shared check.sh || true)}
+SMOKE_SCRIPT=${SMOKE_SCRIPT:-}
 if [ "$SMOKE" != 1 ] || ! wanted smoke; then
   skip smoke "SMOKE=$SMOKE STEPS=$STEPS"
 elif [ -z "$SMOKE_SCRIPT" ]; then
-  skip smoke "shared check.sh not found next to this checkout (../shared/gpu/check.sh)"
+  skip smoke "SMOKE_SCRIPT not set"
 elif t=$(tmo "$SMOKE_S" 380); [ -z "$t" ]; then
   skip smoke "time budget"
 else
@@ -455,7 +451,7 @@ elif t=$(tmo 90 300); [ -z "$t" ]; then
   skip pytest_gpu "time budget"
 else
   [ "$DEVICE" = cpu ] && export DSKD_GPU_TESTS_ON_CPU=1
-  timeout "$t" "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rfEs > "$WORK/pytest_gpu.log" 2>&1
+  timeout "$t" "$PY" -m pytest -m gpu tests/unit/test_gpu.py -q -rfEs > "$WORK/pytest_gpu.log" 2>&1
   rc=$?
   res=$(grep -E '^[0-9]+ (passed|failed|skipped|error)|^=+ .*(passed|failed|skipped|error)' "$WORK/pytest_gpu.log" | tail -1)
   if [ $rc -eq 0 ] && ! grep -qE '[0-9]+ skipped' <<< "$res"; then

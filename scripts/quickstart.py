@@ -3,7 +3,7 @@
 ``make quickstart`` runs this from the repository root. It
 
 1. makes (or reuses, from ``.cache/tiny/arithmetic``) the tiny models of
-   :data:`axolotl_dskd.tiny.ARITHMETIC`: a teacher trained on arithmetic in words, and a student
+   :data:`dskd_devkit.assets.ARITHMETIC`: a teacher trained on arithmetic in words, and a student
    base with another tokenizer;
 2. trains the student twice with Axolotl's own CLI, both runs at once:
    - distilled: ``accelerate launch -m axolotl.cli.train example_configs/quickstart.yml``
@@ -26,7 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from axolotl_dskd import tiny
+from axolotl_dskd import dolly
+from axolotl_dskd.evaluate import load_model_and_tokenizer
+from dskd_devkit import axolotl_runs, scoring
+from dskd_devkit.assets import ARITHMETIC, ARITHMETIC_NAME, cached_assets
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = Path("example_configs/quickstart.yml")
@@ -51,7 +54,7 @@ class Run:
         self.step, self.loss, self.phase = 0, None, "starting Axolotl"
         self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed by the reader
         self.proc = subprocess.Popen(
-            tiny.axolotl_train_command(config), cwd=REPO, env=tiny.axolotl_env(threads),
+            axolotl_runs.train_command(config), cwd=REPO, env=axolotl_runs.train_env(threads),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -124,25 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     say("DSKD quickstart: distill a 4-bit teacher into a LoRA student that uses another tokenizer")
 
     say("step 1/3: tiny models (loading torch and transformers) ...")
+    os.environ.update(axolotl_runs.OFFLINE_ENV)  # before transformers is imported
     import torch
     from transformers.utils import logging as hf_logging
 
-    tiny.quiet_library_logs()
+    axolotl_runs.quiet_library_logs()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    spec = tiny.ARITHMETIC
-    assets = tiny.cached_assets(
-        spec, name=tiny.ARITHMETIC_NAME, log=lambda m: say(f"  {m.strip()}"), threads=args.threads
+    spec = ARITHMETIC
+    assets = cached_assets(
+        spec, name=ARITHMETIC_NAME, log=lambda m: say(f"  {m.strip()}"), threads=args.threads
     )
-    n_teacher, n_student = (len(tiny.read_jsonl(assets[k])) for k in ("teacher_data", "data"))
+    n_teacher, n_student = (len(dolly.read_jsonl(assets[k])) for k in ("teacher_data", "data"))
     say(f"  teacher: {assets['teacher']} (Qwen2, byte-level BPE, trained on {n_teacher} clean problems)")
     say(f"  student: {assets['student_sp']} (Llama, sentencepiece-style tokenizer, knows number words only)")
-    say(f"  student data: {assets['data']} ({n_student} problems, ~{spec.noise:.0%} of them with a wrong answer)")
+    say(
+        f"  student data: {assets['data']} ({n_student} problems, ~{spec.noise:.0%} of them with a wrong answer)"
+    )
 
     config = yaml.safe_load(CONFIG.read_text())
     sft = {
-        **tiny.without_distillation(config),
+        **axolotl_runs.without_distillation(config),
         "output_dir": str(OUT / "sft"),
         "dataset_prepared_path": str(OUT / "prepared_sft"),
     }
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if "cross-model attention" in (OUT / "distilled.log").read_text(encoding="utf-8"):
         say("  the plugin chose cross-model attention (CMA): the tokenizers differ")
 
-    eval_rows = tiny.read_jsonl(assets["eval"])
+    eval_rows = dolly.read_jsonl(assets["eval"])
     say(f"step 3/3: scoring on {len(eval_rows)} held-out problems (greedy decoding) ...")
     rows = []
     for label, folder, base in (
@@ -166,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         ("student, SFT only", Path(sft["output_dir"]), assets["student_sp"]),
         ("student, distilled (DSKD + CMA)", Path(config["output_dir"]), assets["student_sp"]),
     ):
-        model, tokenizer = tiny.load_trained(folder, base)
-        rows.append((label, tiny.evaluate_task(model, tokenizer, eval_rows)))
+        model, tokenizer, _ = load_model_and_tokenizer(folder, base, device="cpu")
+        rows.append((label, scoring.evaluate_task(model, tokenizer, eval_rows)))
 
     example = rows[0][1].examples[0]
     print()

@@ -14,6 +14,6 @@ step "upgrading pip" .venv/bin/python -m pip install --upgrade pip
 # torch first: axolotl 0.19 pins torch<=2.13.0; on CPU-only machines with the wheel on disk this is instant
 step "installing torch 2.13.0" .venv/bin/python -m pip install "torch==2.13.0"
 step "installing axolotl-dskd (editable) with axolotl, bitsandbytes and test tools (~2 min)" \
-  .venv/bin/python -m pip install -e ".[test]"
+  .venv/bin/python -m pip install -e ".[test,bench]"
 touch "$STAMP"
 echo "[setup] .venv ready"

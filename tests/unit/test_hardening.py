@@ -22,9 +22,6 @@ import json
 import logging
 import math
 import pickle
-import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -39,81 +36,16 @@ from axolotl_dskd import projector_io
 from axolotl_dskd.divergences import DIVERGENCES
 from axolotl_dskd.loss import DSKDLossConfig, Projectors, dskd_loss
 from axolotl_dskd.projector_io import META_NAME, WEIGHTS_NAME, load_projectors, save_projectors
-from tests.conftest import (
-    OFFLINE_ENV,
-    assert_ok,
+from dskd_devkit.axolotl_runs import (
     dskd_config,
     load_config,
     refusal,
-    run_train,
-    training_logs,
-    write_config,
 )
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 STUDENT_HIDDEN, TEACHER_HIDDEN = 64, 128  # the fixture's students and teacher
 FP16_MAX = torch.finfo(torch.float16).max
-
-
-# ============================================================================================
-# Nothing let in: the teacher's own code
-# ============================================================================================
-
-
-def teacher_with_own_code(assets, root: Path, model_type: str) -> tuple[Path, Path]:
-    """A copy of the fixture teacher whose config points (``auto_map``) at a Python module in
-    its folder; importing that module creates ``marker``. Returns (folder, marker)."""
-    folder, marker = root / f"teacher_{model_type}", root / f"imported_{model_type}"
-    shutil.copytree(assets["teacher"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = model_type
-    config["auto_map"] = {
-        "AutoConfig": "remote_code.CustomConfig",
-        "AutoModelForCausalLM": "remote_code.CustomForCausalLM",
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "remote_code.py").write_text(
-        "from pathlib import Path\n"
-        f"Path({str(marker)!r}).write_text('this code ran')\n"
-        "from transformers import Qwen2Config, Qwen2ForCausalLM\n\n"
-        "class CustomConfig(Qwen2Config):\n"
-        f"    model_type = {model_type!r}\n\n"
-        "class CustomForCausalLM(Qwen2ForCausalLM):\n"
-        "    config_class = CustomConfig\n"
-    )
-    return folder, marker
-
-
-def test_teacher_code_never_runs_unless_trusted(assets, tmp_path):
-    """A teacher that needs its own Python code is refused at validation by the key that would
-    allow it, without running that code; with the key set, the code does run (so the marker
-    would show it)."""
-    folder, marker = teacher_with_own_code(assets, tmp_path, "custom_qwen2")
-    message = refusal(dskd_config(assets, tmp_path, dskd_teacher=str(folder)), tmp_path)
-    assert "dskd_teacher_trust_remote_code" in message, message
-    assert not marker.exists()
-
-    # trusted: validation (in a fresh process, so the dynamic module stays out of this one) runs it
-    cfg = dskd_config(assets, tmp_path, dskd_teacher=str(folder), dskd_teacher_trust_remote_code=True)
-    config = write_config(cfg, tmp_path / "trusted.yml")
-    code = "import sys; from axolotl.cli.config import load_cfg; load_cfg(sys.argv[1])"
-    env = {**OFFLINE_ENV, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", code, str(config)], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert marker.read_text() == "this code ran"
-
-
-def test_teacher_of_a_known_architecture_loads_without_its_own_code(assets, tmp_path):
-    """A repository that ships code for an architecture transformers already has: validation
-    passes and the teacher loads with transformers' class; the shipped code never runs."""
-    from axolotl_dskd.teacher import load_teacher
-
-    folder, marker = teacher_with_own_code(assets, tmp_path, "qwen2")
-    load_config(dskd_config(assets, tmp_path, dskd_teacher=str(folder)), tmp_path)
-    teacher = load_teacher(str(folder), device=torch.device("cpu"), dtype=torch.float32)
-    assert type(teacher).__module__.startswith("transformers.models.qwen2")
-    assert not marker.exists()
 
 
 # ============================================================================================
@@ -165,10 +97,16 @@ def test_projectors_for_another_pair_are_refused_with_both_shapes(assets, tmp_pa
 
     with pytest.raises(ValueError) as info:
         load_projectors(Projectors(STUDENT_HIDDEN, TEACHER_HIDDEN), wrong, key="dskd_projectors")
-    assert "dskd_projectors" in str(info.value) and str(found) in str(info.value) and str(needed) in str(info.value)
+    assert (
+        "dskd_projectors" in str(info.value)
+        and str(found) in str(info.value)
+        and str(needed) in str(info.value)
+    )
 
     # same dimensions, other kind: CMA projectors (with a query) for a same-vocabulary pair
-    cma = save_projectors(Projectors(STUDENT_HIDDEN, TEACHER_HIDDEN, cross_tokenizer=True), tmp_path / "cma", {})
+    cma = save_projectors(
+        Projectors(STUDENT_HIDDEN, TEACHER_HIDDEN, cross_tokenizer=True), tmp_path / "cma", {}
+    )
     assert "query.weight" in refusal(dskd_config(assets, tmp_path, dskd_projectors=str(cma.parent)), tmp_path)
 
 
@@ -178,13 +116,17 @@ def test_projectors_that_fit_validate_and_load_exactly(assets, tmp_path):
     torch.manual_seed(0)
     saved = Projectors(STUDENT_HIDDEN, TEACHER_HIDDEN)
     file = save_projectors(saved, tmp_path / "good", {"global_step": 3})
-    for given in (file, file.parent):
-        assert load_config(dskd_config(assets, tmp_path, dskd_projectors=str(given)), tmp_path).dskd_projectors == str(given)
+    for path in (file, file.parent):
+        assert load_config(
+            dskd_config(assets, tmp_path, dskd_projectors=str(path)), tmp_path
+        ).dskd_projectors == str(path)
     loaded = Projectors(STUDENT_HIDDEN, TEACHER_HIDDEN)
     load_projectors(loaded, file.parent, key="dskd_projectors")
     for name, value in saved.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
-    message = refusal(dskd_config(assets, tmp_path, dskd_projectors=str(file), dskd_method="vanilla_kd"), tmp_path)
+    message = refusal(
+        dskd_config(assets, tmp_path, dskd_projectors=str(file), dskd_method="vanilla_kd"), tmp_path
+    )
     assert "dskd_projectors" in message and "vanilla_kd" in message, message
 
 
@@ -220,105 +162,6 @@ def test_a_failed_projector_write_keeps_the_previous_file(tmp_path, monkeypatch)
 
 
 # ============================================================================================
-# No silent failure: non-finite terms, in real training runs
-# ============================================================================================
-
-
-def broken_copy(assets, folder: Path, breaks) -> Path:
-    """A float32 copy of the fixture teacher, with ``breaks(model, tokenizer)`` applied."""
-    model = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
-    with torch.no_grad():
-        breaks(model, tokenizer)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def broken_run(assets, teacher: Path, workdir: Path, **overrides):
-    cfg = dskd_config(
-        assets, workdir, dskd_teacher=str(teacher),
-        dskd_teacher_load_in_4bit=False,  # a float32 teacher: its inf reaches the loss as is
-        max_steps=2, save_steps=2, **overrides,
-    )  # fmt: skip
-    proc = run_train(cfg, workdir, timeout=420)
-    return proc, proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def stopped_cma_run(assets, tmp_path_factory):
-    """A cross-tokenizer run with the default ``dskd_on_nonfinite`` (stop), whose teacher has
-    one LM-head row of +inf: its logits of that token are inf or NaN on every row, so the
-    teacher-space KD term is non-finite while its hidden states stay finite."""
-    workdir = tmp_path_factory.mktemp("stop")
-
-    def inf_head_row(model, _tokenizer):
-        model.lm_head.weight[7] = math.inf
-
-    teacher = broken_copy(assets, workdir / "teacher", inf_head_row)
-    return broken_run(assets, teacher, workdir, student="student_sp")
-
-
-@pytest.mark.e2e
-def test_non_finite_term_stops_the_run_naming_term_and_step(stopped_cma_run):
-    proc, log = stopped_cma_run
-    assert proc.returncode != 0
-    assert "FloatingPointError: DSKD: non-finite kd_teacher at step 1" in log, log[-4000:]
-    assert "dskd_on_nonfinite: skip" in log  # what to set to go on anyway
-
-
-@pytest.mark.e2e
-def test_special_tokens_read_differently_are_reported_once_at_start(stopped_cma_run):
-    """The teacher's ChatML markers are plain text to the sentencepiece student: said once,
-    before training, with the tokens the other model makes of them."""
-    _, log = stopped_cma_run
-    assert log.count("can differ in meaning") == 1, log[-4000:]
-    line = next(line for line in log.splitlines() if "can differ in meaning" in line)
-    assert "'<|im_start|>' is plain text to the other model" in line
-    assert "'<|im_end|>'" in line and "<0x7C>" in line  # the '|' byte token, as an example
-    assert log.index("can differ in meaning") < log.index("non-finite kd_teacher")
-
-
-@pytest.mark.e2e
-def test_non_finite_micro_batches_are_skipped_and_counted(assets, tmp_path):
-    """With dskd_on_nonfinite: skip, a micro-batch whose teacher output is non-finite is
-    skipped and counted in the logged ``dskd/nonfinite_skipped``; the next, finite micro-batch
-    trains as usual, and no NaN reaches the saved weights.
-
-    The teacher breaks only on rows containing "Ω" (inf in the embeddings of its byte tokens,
-    which no ASCII text uses); the first micro-batch has four such rows, the second none."""
-    trigger = "Ω"
-
-    def inf_embeddings(model, tokenizer):
-        model.get_input_embeddings().weight[tokenizer.encode(trigger, add_special_tokens=False)] = math.inf
-
-    teacher = broken_copy(assets, tmp_path / "teacher", inf_embeddings)
-    rows = [{"instruction": "Add the two numbers.", "input": f"{a} plus {b}", "output": str(a + b)}
-            for a, b in [(3, 4), (10, 5), (7, 7), (20, 1), (6, 2), (9, 9), (12, 8), (1, 30)]]  # fmt: skip
-    for row in rows[:4]:
-        row["input"] += f" {trigger}"
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-    proc, log = broken_run(
-        assets, teacher, tmp_path, dskd_on_nonfinite="skip",
-        datasets=[{"path": str(data), "ds_type": "json", "type": "alpaca"}],
-        shuffle_merged_datasets=False, curriculum_sampling=True,  # rows in file order
-    )  # fmt: skip
-    assert_ok(proc)
-    first, second = training_logs(tmp_path / "output" / "checkpoint-2")
-    assert first["dskd/nonfinite_skipped"] == 1 and first["loss"] == 0.0
-    assert "dskd/kd_teacher" not in first  # the skipped micro-batch logs no DSKD terms
-    assert second["dskd/nonfinite_skipped"] == 1  # the count so far, still reported
-    assert second["loss"] > 0 and all(math.isfinite(second[f"dskd/{t}"]) for t in ("ce", "kd_teacher"))
-    assert "at step 1; micro-batch skipped (1 so far)" in log
-    adapter = load_file(tmp_path / "output" / "adapter_model.safetensors")
-    projectors = load_file(tmp_path / "output" / WEIGHTS_NAME)
-    for name, tensor in {**adapter, **projectors}.items():
-        assert torch.isfinite(tensor).all(), name
-
-
-# ============================================================================================
 # No silent failure: fp16 logits, special tokens, out of memory
 # ============================================================================================
 
@@ -338,13 +181,13 @@ def _huge_fp16_inputs(cross_tokenizer: bool) -> tuple[Projectors, dict]:
     ids_s = torch.randint(1, V_s, (B, L), generator=g)
     labels = ids_s.clone()
     labels[:, :2] = -100
-    inputs = dict(
-        student_hidden=h_s.half().requires_grad_(),
-        student_lm_head=W_s.half().requires_grad_(),
-        student_labels=labels,
-        teacher_hidden=h_t.half(),
-        teacher_lm_head=W_t.half(),
-    )
+    inputs = {
+        "student_hidden": h_s.half().requires_grad_(),
+        "student_lm_head": W_s.half().requires_grad_(),
+        "student_labels": labels,
+        "teacher_hidden": h_t.half(),
+        "teacher_lm_head": W_t.half(),
+    }
     if cross_tokenizer:
         ids_t = torch.randint(1, V_t, (B, L + 2), generator=g)
         t_labels = ids_t.clone()
@@ -412,17 +255,15 @@ def test_out_of_memory_names_the_settings_to_lower():
     from axolotl_dskd.trainer import explain_out_of_memory
 
     original = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    with pytest.raises(torch.OutOfMemoryError) as info:
-        with explain_out_of_memory():
-            raise original
+    with pytest.raises(torch.OutOfMemoryError) as info, explain_out_of_memory():
+        raise original
     message = str(info.value)
     assert message.startswith("CUDA out of memory. Tried to allocate 20.00 GiB")
     for setting in ("dskd_chunk_size", "micro_batch_size", "sequence_len"):
         assert setting in message, setting
     assert info.value.__cause__ is original
-    with pytest.raises(ValueError, match="^unrelated$"):  # other errors pass through untouched
-        with explain_out_of_memory():
-            raise ValueError("unrelated")
+    with pytest.raises(ValueError, match="^unrelated$"), explain_out_of_memory():  # others pass untouched
+        raise ValueError("unrelated")
 
 
 # ============================================================================================
@@ -431,7 +272,9 @@ def test_out_of_memory_names_the_settings_to_lower():
 
 
 def _values(valid, invalid: list) -> tuple[st.SearchStrategy, st.SearchStrategy]:
-    return (valid if isinstance(valid, st.SearchStrategy) else st.sampled_from(valid)), st.sampled_from(invalid)
+    return (valid if isinstance(valid, st.SearchStrategy) else st.sampled_from(valid)), st.sampled_from(
+        invalid
+    )
 
 
 NONFINITE = [math.nan, math.inf, -math.inf]
@@ -494,7 +337,9 @@ def _fixed(bad: set[str], **overrides) -> tuple[dict, set[str]]:
 @example(case=_fixed({"dskd_temperature"}, dskd_temperature=math.inf))  # a schema without an upper
 @example(case=_fixed({"dskd_projector_lr"}, dskd_projector_lr=math.inf))  # bound lets inf through
 @example(case=_fixed({"dskd_teacher"}, dskd_teacher=None, dskd_kd_rate=0.3))  # would be plain SFT
-@example(case=_fixed({"dskd_teacher_load_in_4bit"}, dskd_teacher_load_in_4bit=True, dskd_teacher_load_in_8bit=True))
+@example(
+    case=_fixed({"dskd_teacher_load_in_4bit"}, dskd_teacher_load_in_4bit=True, dskd_teacher_load_in_8bit=True)
+)
 @example(case=_fixed(set(), student="student_sp", dskd_cross_tokenizer=True, dskd_on_nonfinite="skip"))
 def test_generated_configs_are_refused_by_key_exactly_when_invalid(assets, case):
     overrides, bad = case
@@ -562,7 +407,9 @@ def test_malformed_rows_pass_the_builder_and_the_loss_without_nan(assets):
     batch = {
         "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows.values()]),
         "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows.values()]),
-        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows.values()]),
+        "attention_mask": torch.tensor(
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows.values()]
+        ),
     }
     builder = TeacherTokenBuilder(student_tok, teacher_tok, max_length=teacher.config.max_position_embeddings)
     teacher_batch = builder(batch)

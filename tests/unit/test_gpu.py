@@ -6,7 +6,8 @@
 - ``dskd_loss`` in bf16 stays finite and close to float32 (loss, logged terms, gradients of the
   student's hidden states and of every projector), same vocabulary and CMA, with real
   vocabulary sizes (TinyLlama 32000, Qwen2.5 151936), also with very large logits.
-- One trainer-shaped step on the GPU (4-bit teacher, bf16 student, projectors, backward).
+- Two optimizer steps of the real ``DSKDTrainer`` on the GPU (4-bit teacher, bf16 student,
+  projectors, the collator's teacher tokens for CMA).
 
 ``DSKD_GPU_TESTS_ON_CPU=1`` runs them on the CPU instead (a dry run of the test code; bitsandbytes
 has CPU kernels for both modes).
@@ -41,19 +42,21 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and not ON_CPU else "c
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """A Qwen2 teacher (byte-level BPE) and two Llama students: same tokenizer, and a
     sentencepiece-style one (CMA). Hidden sizes are multiples of 64 (bitsandbytes blocks)."""
-    from axolotl_dskd import tiny
+    from dskd_devkit import task, tiny_tokenizers, training
 
     root = tmp_path_factory.mktemp("gpu_tiny")
-    corpus = tiny.task_corpus()
-    bpe = tiny.bpe_tokenizer(corpus)
-    sp = tiny.sentencepiece_tokenizer(corpus, pad_token="</s>")
+    corpus = task.task_corpus()
+    bpe = tiny_tokenizers.bpe_tokenizer(corpus)
+    sp = tiny_tokenizers.sentencepiece_tokenizer(corpus, pad_token="</s>")
     return {
-        "teacher": tiny.save_pair(
-            tiny.tiny_model("qwen2", bpe, hidden_size=128, num_layers=2, seed=0), bpe, root / "teacher"
+        "teacher": training.save_pair(
+            training.tiny_model("qwen2", bpe, hidden_size=128, num_layers=2, seed=0), bpe, root / "teacher"
         ),
-        "student": tiny.save_pair(tiny.tiny_model("llama", bpe, hidden_size=64, seed=1), bpe, root / "student"),
-        "student_sp": tiny.save_pair(
-            tiny.tiny_model("llama", sp, hidden_size=64, seed=2), sp, root / "student_sp"
+        "student": training.save_pair(
+            training.tiny_model("llama", bpe, hidden_size=64, seed=1), bpe, root / "student"
+        ),
+        "student_sp": training.save_pair(
+            training.tiny_model("llama", sp, hidden_size=64, seed=2), sp, root / "student_sp"
         ),
     }
 
@@ -116,8 +119,18 @@ def test_teacher_loads_in_8bit(tiny_models):
 # ============================================================================================
 
 
-def _inputs(variant: str, *, B: int = 2, L: int = 192, d_s: int = 256, d_t: int = 384,
-            V_s: int = 32000, V_t: int | None = None, hidden_scale: float = 1.0, seed: int = 0):
+def _inputs(
+    variant: str,
+    *,
+    B: int = 2,
+    L: int = 192,
+    d_s: int = 256,
+    d_t: int = 384,
+    V_s: int = 32000,
+    V_t: int | None = None,
+    hidden_scale: float = 1.0,
+    seed: int = 0,
+):
     """float32 inputs with LM heads whose logits have a spread like a trained model's."""
     g = torch.Generator().manual_seed(seed)
     V_t = V_t or (V_s if variant == "same" else 151936)
@@ -125,12 +138,12 @@ def _inputs(variant: str, *, B: int = 2, L: int = 192, d_s: int = 256, d_t: int 
     s_labels = s_ids.clone()
     s_labels[:, : L // 4] = -100
     s_labels[1, -7:] = -100  # padding
-    inputs = dict(
-        student_hidden=torch.randn(B, L, d_s, generator=g) * hidden_scale,
-        student_lm_head=torch.randn(V_s, d_s, generator=g) * (3 / math.sqrt(d_s)),
-        student_labels=s_labels,
-        teacher_lm_head=torch.randn(V_t, d_t, generator=g) * (3 / math.sqrt(d_t)),
-    )
+    inputs = {
+        "student_hidden": torch.randn(B, L, d_s, generator=g) * hidden_scale,
+        "student_lm_head": torch.randn(V_s, d_s, generator=g) * (3 / math.sqrt(d_s)),
+        "student_labels": s_labels,
+        "teacher_lm_head": torch.randn(V_t, d_t, generator=g) * (3 / math.sqrt(d_t)),
+    }
     if variant == "same":
         inputs["teacher_hidden"] = torch.randn(B, L, d_t, generator=g) * hidden_scale
         inputs["teacher_labels"] = s_labels
@@ -151,8 +164,14 @@ def _inputs(variant: str, *, B: int = 2, L: int = 192, d_s: int = 256, d_t: int 
     return inputs
 
 
-FLOAT_KEYS = ("student_hidden", "student_lm_head", "teacher_hidden", "teacher_lm_head",
-              "student_embeddings", "teacher_embeddings")
+FLOAT_KEYS = (
+    "student_hidden",
+    "student_lm_head",
+    "teacher_hidden",
+    "teacher_lm_head",
+    "student_embeddings",
+    "teacher_embeddings",
+)
 
 
 def _run(variant: str, inputs: dict, dtype: torch.dtype, proj_state: dict):
@@ -160,7 +179,8 @@ def _run(variant: str, inputs: dict, dtype: torch.dtype, proj_state: dict):
     proj = Projectors(d_s, d_t, cross_tokenizer=variant == "cma").to(DEVICE)
     proj.load_state_dict(proj_state)
     moved = {
-        k: (v.detach().to(DEVICE, dtype).clone() if k in FLOAT_KEYS else v.to(DEVICE)) for k, v in inputs.items()
+        k: (v.detach().to(DEVICE, dtype).clone() if k in FLOAT_KEYS else v.to(DEVICE))
+        for k, v in inputs.items()
     }
     h_s = moved["student_hidden"].requires_grad_(True)
     out = dskd_loss(proj, **moved, config=DSKDLossConfig(cross_tokenizer=variant == "cma"))
@@ -215,55 +235,57 @@ def test_dskd_loss_bf16_huge_logits_finite(variant):
 # ============================================================================================
 
 
+def _rows(tokenizer, n: int) -> list[dict]:
+    """Task rows as Axolotl tokenizes them: an untrained prompt, a trained answer and EOS."""
+    from dskd_devkit.task import arithmetic_rows, encode_row
+
+    rows = []
+    for row in arithmetic_rows(n, seed=3):
+        ids, labels = encode_row(tokenizer, row)
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return rows
+
+
 @pytest.mark.parametrize("variant", ["same", "cma"])
-def test_trainer_step_with_4bit_teacher(tiny_models, variant):
-    """``DSKDTrainer.compute_loss``'s calls: student final hidden states (bf16 autocast),
-    4-bit teacher hidden states, ``dskd_loss`` with projectors, backward into the student."""
-    from transformers import AutoModelForCausalLM
+def test_trainer_step_with_4bit_teacher(tiny_models, tmp_path, variant):
+    """Two optimizer steps of the real ``DSKDTrainer`` (the Axolotl collator building the teacher's
+    tokens for CMA): a 4-bit teacher, a bf16-autocast student and the projectors on the device;
+    the student and every projector train, the teacher gets no gradient, the loss is finite."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_dskd.models import (
-        final_hidden_states,
-        input_embedding_weight,
-        lm_head_weight,
-        teacher_hidden_states,
-    )
+    from axolotl_dskd.collator import DSKDDataCollator
+    from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+    from dskd_devkit.axolotl_runs import dskd_trainer
 
+    cma = variant == "cma"
     teacher = _load(tiny_models["teacher"], load_in_4bit=True)
-    student_dir = tiny_models["student" if variant == "same" else "student_sp"]
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.bfloat16).to(DEVICE)
-    student.train()
-    proj = Projectors(
-        student.config.hidden_size, teacher.config.hidden_size, cross_tokenizer=variant == "cma"
-    ).to(DEVICE)
-    B, L = 2, 40
-    ids = torch.randint(0, student.config.vocab_size, (B, L), device=DEVICE)
-    labels = ids.clone()
-    labels[:, :10] = -100
-    with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16):
-        h_s = final_hidden_states(student, input_ids=ids)
-    if variant == "same":
-        t_ids, t_labels = ids, labels
-        extra = {}
-    else:
-        t_ids = torch.randint(0, teacher.config.vocab_size, (B, L + 5), device=DEVICE)
-        t_labels = t_ids.clone()
-        t_labels[:, :12] = -100
-        extra = dict(
-            student_input_ids=ids, teacher_input_ids=t_ids,
-            student_embeddings=input_embedding_weight(student),
-            teacher_embeddings=input_embedding_weight(teacher),
-        )
-    h_t = teacher_hidden_states(teacher, input_ids=t_ids)
-    out = dskd_loss(
-        proj, student_hidden=h_s, student_lm_head=lm_head_weight(student), student_labels=labels,
-        teacher_hidden=h_t, teacher_lm_head=lm_head_weight(teacher), teacher_labels=t_labels,
-        config=DSKDLossConfig(cross_tokenizer=variant == "cma"), num_items=int((labels[:, 1:] != -100).sum()),
-        **extra,
+    student_dir = tiny_models["student_sp" if cma else "student"]
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    proj = Projectors(student.config.hidden_size, teacher.config.hidden_size, cross_tokenizer=cma)
+    builder = TeacherTokenBuilder(
+        tokenizer, AutoTokenizer.from_pretrained(tiny_models["teacher"]), max_length=512
     )
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
-    q = student.model.layers[0].self_attn.q_proj.weight
-    assert q.grad is not None and torch.isfinite(q.grad.float()).all() and q.grad.abs().sum() > 0
-    for name, p in proj.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    collator = DSKDDataCollator(
+        tokenizer=tokenizer, padding=True, label_pad_token_id=-100, teacher_tokens=builder
+    )
+    before = {
+        "student": student.model.layers[0].self_attn.q_proj.weight.detach().clone(),
+        **{f"proj.{k}": v.detach().clone() for k, v in proj.named_parameters()},
+    }
+    trainer = dskd_trainer(
+        student, teacher, proj, train_dataset=Dataset.from_list(_rows(tokenizer, 8)), data_collator=collator,
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+        bf16=DEVICE.type == "cuda", use_cpu=DEVICE.type == "cpu", dskd_cross_tokenizer=cma,
+    )  # fmt: skip
+    result = trainer.train()
+    assert math.isfinite(result.training_loss) and result.training_loss > 0
+    after = {
+        "student": student.model.layers[0].self_attn.q_proj.weight.detach(),
+        **{f"proj.{k}": v.detach() for k, v in trainer.projectors.named_parameters()},
+    }
+    moved = [name for name in before if not torch.equal(before[name], after[name].to(before[name].device))]
+    assert set(moved) == set(before), f"did not train: {set(before) - set(moved)}"
+    assert trainer.projectors.t2s.weight.device.type == DEVICE.type
     assert not any(p.grad is not None for p in teacher.parameters()), "the teacher got gradients"

@@ -14,18 +14,19 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from axolotl_dskd.teacher_tokens import IGNORE_INDEX, RoundTripStats, TeacherTokenBuilder, sample_segments
-try:  # tests/ as a package, or run from the repository root
-    from tests.tokenizers_fixtures import make_bpe_tokenizer, make_sentencepiece_tokenizer
-except ImportError:  # tests/ on sys.path (pytest's default rootdir-less import)
-    from tokenizers_fixtures import make_bpe_tokenizer, make_sentencepiece_tokenizer
+from axolotl_dskd.loss import IGNORE_INDEX
+from axolotl_dskd.teacher_tokens import RoundTripStats, TeacherTokenBuilder, sample_segments
+from dskd_devkit.tiny_tokenizers import mixed_text_bpe, mixed_text_sentencepiece
 
 EOS_MARK = "<EOS>"
 
 # (prompt, response): untrained prompt, trained response; boundaries fall between words
 TEXTS = {
     "ascii": ("Question: What is the capital of France?\nAnswer:", " The capital of France is Paris."),
-    "accents": ("Où est la bibliothèque? Réponds en français.\n", "Voilà: la bibliothèque est déjà fermée, Größe ŕ ő."),
+    "accents": (
+        "Où est la bibliothèque? Réponds en français.\n",
+        "Voilà: la bibliothèque est déjà fermée, Größe ŕ ő.",
+    ),
     "cjk": ("问题:老师模型很大吗?\n", "是的,老师模型很大,学生模型很小。東京は日本の首都です。한국어"),
     "emoji": ("Reply with emoji 😀 only:", " 🎉🚀 👍🏽 ❤️ 🇫🇷 👨\u200d👩\u200d👧 🦀🦀 ✨"),
     "unseen": ("Rare letters ζ ψ ж and ñ:", "ǅ ǈ ῷ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and ﬁne ligatures\ttabs  two spaces"),
@@ -33,8 +34,13 @@ TEXTS = {
 }
 
 CHAT = [
-    ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi! Who are you?<|im_end|>\n"
-     "<|im_start|>assistant\n", False),
+    (
+        (
+            "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi! Who are you?<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        ),
+        False,
+    ),
     ("I am a small assistant. 😀<|im_end|>", True),
     ("\n<|im_start|>user\nSay 你好 in French.<|im_end|>\n<|im_start|>assistant\n", False),
     ("Bonjour, ça va? 🇫🇷<|im_end|>", True),
@@ -49,12 +55,12 @@ CHAT = [
 
 @pytest.fixture(scope="session")
 def bpe(tmp_path_factory: pytest.TempPathFactory):
-    return make_bpe_tokenizer(tmp_path_factory.mktemp("tok"))
+    return mixed_text_bpe(tmp_path_factory.mktemp("tok") / "bpe")
 
 
 @pytest.fixture(scope="session")
 def sp(tmp_path_factory: pytest.TempPathFactory):
-    return make_sentencepiece_tokenizer(tmp_path_factory.mktemp("tok"))
+    return mixed_text_sentencepiece(tmp_path_factory.mktemp("tok") / "sentencepiece")
 
 
 @pytest.fixture(scope="session")
@@ -169,8 +175,8 @@ def test_fixture_tokenizers_are_lossless_and_deterministic(bpe, sp) -> None:
             assert tok.decode(ids) == text
     assert sp("a")["input_ids"][0] == sp.bos_token_id  # sentencepiece style: BOS added
     assert bpe("a")["input_ids"] == bpe("a", add_special_tokens=False)["input_ids"]  # no BOS
-    assert make_bpe_tokenizer().get_vocab() == bpe.get_vocab()
-    assert make_sentencepiece_tokenizer().backend_tokenizer.to_str() == sp.backend_tokenizer.to_str()
+    assert mixed_text_bpe().get_vocab() == bpe.get_vocab()
+    assert mixed_text_sentencepiece().backend_tokenizer.to_str() == sp.backend_tokenizer.to_str()
 
 
 @pytest.mark.parametrize("name", list(TEXTS))
@@ -300,8 +306,11 @@ def test_student_bos_equal_to_eos(bpe, sp, builder) -> None:
     from transformers import PreTrainedTokenizerFast
 
     gpt2_like = PreTrainedTokenizerFast(
-        tokenizer_object=bpe.backend_tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", clean_up_tokenization_spaces=False,
+        tokenizer_object=bpe.backend_tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
     )
     b = builder(gpt2_like, sp)
     eot = gpt2_like.eos_token_id
@@ -465,8 +474,22 @@ def test_sample_segments() -> None:
 
 # -- random texts, random run boundaries (inside characters too) -------------------------------------
 
-POOL = [*"abcdefghij ABC  \n\t.,!?éèàüößñçœ", *"我们老师东京한국ζψж", "😀", "🦀", "👍🏽", "🇫🇷",
-        "👨\u200d👩\u200d👧", "❤️", "\ufffd", "<|im_start|>", "<|im_end|>", "  ", "<0x41>", "𝔘"]
+POOL = [
+    *"abcdefghij ABC  \n\t.,!?éèàüößñçœ",
+    *"我们老师东京한국ζψж",
+    "😀",
+    "🦀",
+    "👍🏽",
+    "🇫🇷",
+    "👨\u200d👩\u200d👧",
+    "❤️",
+    "\ufffd",
+    "<|im_start|>",
+    "<|im_end|>",
+    "  ",
+    "<0x41>",
+    "𝔘",
+]
 
 
 def random_sample(tok, rng) -> tuple[list[int], list[int]]:
@@ -496,7 +519,10 @@ def test_random_texts_and_boundaries(bpe, sp, builder, direction: str) -> None:
         t_ids, t_labels = b.sample(ids, labels)
         s_text = student.decode([t for t in ids if t != student.bos_token_id])
         t_text = teacher.decode([t for t in t_ids if t != teacher.bos_token_id])
-        s_text, t_text = s_text.replace(student.eos_token, EOS_MARK), t_text.replace(teacher.eos_token, EOS_MARK)
+        s_text, t_text = (
+            s_text.replace(student.eos_token, EOS_MARK),
+            t_text.replace(teacher.eos_token, EOS_MARK),
+        )
         assert t_text == s_text
         assert all(lab in (IGNORE_INDEX, tid) for tid, lab in zip(t_ids, t_labels))
     assert b.stats.mismatched_runs == 0, b.stats.examples

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_ok, dskd_config, run_train, start_train, training_logs
+from dskd_devkit.axolotl_runs import assert_ok, dskd_config, run_train, start_train, training_logs
 
 pytestmark = pytest.mark.e2e
 
@@ -124,7 +124,8 @@ def test_cross_tokenizer_with_sample_packing(assets, tmp_path):
 
 
 def test_full_finetune_student_with_8bit_teacher(assets, tmp_path):
-    """No adapter: the student's own LM head trains too; the teacher is int8."""
+    """No adapter: the student's own weights, its LM head included, train (DSKD reads the head
+    for CE and kd_student); the teacher is int8."""
     cfg = dskd_config(
         assets, tmp_path, adapter=None, lora_r=None, lora_alpha=None, lora_dropout=None,
         lora_target_linear=None, dskd_teacher_load_in_4bit=False, dskd_teacher_load_in_8bit=True,
@@ -134,3 +135,7 @@ def test_full_finetune_student_with_8bit_teacher(assets, tmp_path):
     out = tmp_path / "output"
     assert (out / "dskd_projectors.safetensors").is_file()
     assert len(training_logs(out / "checkpoint-2")) == 2
+    base, trained = load_file(assets["student"] / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert trained[name].shape == base[name].shape
+        assert not torch.equal(trained[name].float(), base[name].float()), f"{name} did not train"

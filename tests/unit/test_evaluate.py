@@ -25,7 +25,9 @@ from axolotl_dskd.evaluate import (
     main,
     rouge_l,
 )
-from axolotl_dskd.tiny import BASE_CORPUS, bpe_tokenizer, task_corpus, tiny_model
+from dskd_devkit.task import BASE_CORPUS, task_corpus
+from dskd_devkit.tiny_tokenizers import bpe_tokenizer
+from dskd_devkit.training import tiny_model
 
 # a long reference of common corpus words, so that even random samples overlap it (score > 0)
 WORDY = " ".join(BASE_CORPUS)
@@ -55,8 +57,13 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     base = AutoModelForCausalLM.from_pretrained(full)  # so the adapter records base_model_name_or_path
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
-                      init_lora_weights=False, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     adapter = root / "adapter"
     peft_model = get_peft_model(base, lora)
     with torch.no_grad():  # make the adapter's effect large enough to change samples
@@ -73,11 +80,25 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run(assets: dict[str, Path], model: Path, seeds: list[int], name: str, *extra: str) -> dict:
     out = assets["root"] / f"{name}.json"
-    result = main([
-        "--model", str(model), "--data", str(assets["data"]), "--seeds", *map(str, seeds),
-        "--max-new-tokens", str(MAX_NEW), "--batch-size", "3", "--device", "cpu",
-        "--out", str(out), *extra,
-    ])
+    result = main(
+        [
+            "--model",
+            str(model),
+            "--data",
+            str(assets["data"]),
+            "--seeds",
+            *map(str, seeds),
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     written = json.loads(out.read_text(encoding="utf-8"))
     assert written == json.loads(json.dumps(result))  # the file is what main returned
     return written
@@ -115,12 +136,15 @@ def test_rouge_l_hand_cases() -> None:
 # --------------------------------------------------------------------------- prompts
 
 
-@pytest.mark.parametrize("instruction,input", [
-    ("Add the two numbers.", "three plus four"),
-    ("Name a colour of the sky.", None),
-    ("Say hello.", ""),
-    ("Summarize.", "Line one.\nLine two with ### Input: inside."),
-])
+@pytest.mark.parametrize(
+    "instruction,input",
+    [
+        ("Add the two numbers.", "three plus four"),
+        ("Name a colour of the sky.", None),
+        ("Say hello.", ""),
+        ("Summarize.", "Line one.\nLine two with ### Input: inside."),
+    ],
+)
 def test_alpaca_prompt_matches_axolotl(instruction: str, input: str | None) -> None:
     from axolotl.prompters import AlpacaPrompter
 
@@ -157,8 +181,14 @@ def check_result(res: dict, seeds: list[int]) -> None:
         per_sample = [g["rougeL"][s] for g in res["generations"]]
         assert res["per_seed"][s] == pytest.approx(statistics.fmean(per_sample))
     cfg = res["config"]
-    assert cfg["sampling"] == {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0,
-                               "no_repeat_ngram_size": 6, "max_new_tokens": MAX_NEW}
+    assert cfg["sampling"] == {
+        "do_sample": True,
+        "top_k": 0,
+        "top_p": 1.0,
+        "temperature": 1.0,
+        "no_repeat_ngram_size": 6,
+        "max_new_tokens": MAX_NEW,
+    }
     assert cfg["n_samples"] == len(ROWS) and cfg["seeds"] == seeds
 
 
@@ -188,8 +218,9 @@ def test_adapter(assets: dict[str, Path], full_run: dict, adapter_run: dict) -> 
     assert gens(adapter_run, 10) != gens(adapter_run, 20)
     assert gens(adapter_run, 10) != gens(full_run, 10)  # the LoRA weights are applied
     # --base-model overrides adapter_config.json's base, same weights -> same samples
-    again = run(assets, assets["adapter"], [10], "adapter_again",
-                "--base-model", str(assets["full"]), "--limit", "4")
+    again = run(
+        assets, assets["adapter"], [10], "adapter_again", "--base-model", str(assets["full"]), "--limit", "4"
+    )
     assert gens(again, 10) == gens(adapter_run, 10)
 
 
@@ -267,10 +298,14 @@ def test_dolly_filters(tmp_path: Path, assets: dict[str, Path]) -> None:
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     counts = dolly.convert(src, tmp_path / "a")
     assert counts["input"] == 1603 and counts["kept"] == 1600
-    out = [json.loads(line) for n in ("train", "dev", "test")
-           for line in (tmp_path / "a" / f"{n}.jsonl").read_text().splitlines()]
+    out = [
+        json.loads(line)
+        for n in ("train", "dev", "test")
+        for line in (tmp_path / "a" / f"{n}.jsonl").read_text().splitlines()
+    ]
     assert {"instruction": "padded", "input": "", "output": "spaced"} in [
-        {k: r[k] for k in ("instruction", "input", "output")} for r in out]
+        {k: r[k] for k in ("instruction", "input", "output")} for r in out
+    ]
     # MiniLLM's prompt-length filter, counted with the student's tokenizer
     counts = dolly.convert(src, tmp_path / "b", max_prompt_tokens=120, tokenizer_path=str(assets["full"]))
     assert counts["kept"] == 1599 and counts["train"] == 99

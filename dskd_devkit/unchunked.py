@@ -1,9 +1,9 @@
 """The unchunked DSKD loss: the speed and memory baseline of ``benchmarks/loss_memory.py``.
 
-A plain transcription of shared/dskd-spec.md, written the way the authors' code computes the
+A plain transcription of ``docs/dskd.md``, written the way the authors' code computes the
 loss: every vocabulary-sized tensor (``z_s``, ``z_t``, ``z_t2s``, ``z_s2t`` and their
 log-probabilities) exists for the **whole batch, every position** (``[B, L, V]``) and autograd
-keeps what it needs for the backward pass. Unlike ``tests/reference_dskd.py`` (float64, the
+keeps what it needs for the backward pass. Unlike :mod:`dskd_devkit.reference` (float64, the
 correctness yardstick) it runs in the inputs' precision, as ``axolotl_dskd.loss.dskd_loss`` does:
 
 - vocabulary products in the LM head's dtype (bf16 stays bf16; fp16 is widened to float32,
@@ -12,7 +12,7 @@ correctness yardstick) it runs in the inputs' precision, as ``axolotl_dskd.loss.
 - cross-model attention scores, softmaxes and divergences in float32.
 
 So a timing or memory difference against ``dskd_loss`` is the chunking, not the precision.
-``tests/test_benchmark_baseline.py`` checks that both agree (value, metrics, gradients).
+``tests/unit/test_loss.py`` checks that both agree (value, metrics, gradients).
 
 Not part of the package: it exists only to be measured against.
 """
@@ -31,15 +31,15 @@ __all__ = ["unchunked_dskd_loss"]
 
 IGNORE_INDEX = -100
 MASKED_SCORE = -1e5
-_DEFAULTS = dict(
-    kd_rate=0.5,
-    temperature=2.0,
-    divergence="forward_kl",
-    teacher_space_divergence="forward_kl",
-    skew_lambda=0.1,
-    akl_alpha=0.5,
-    cross_tokenizer=False,
-)
+_DEFAULTS = {
+    "kd_rate": 0.5,
+    "temperature": 2.0,
+    "divergence": "forward_kl",
+    "teacher_space_divergence": "forward_kl",
+    "skew_lambda": 0.1,
+    "akl_alpha": 0.5,
+    "cross_tokenizer": False,
+}
 
 
 # --------------------------------------------------------------------------------------------

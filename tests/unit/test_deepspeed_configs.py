@@ -21,11 +21,11 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from tests.conftest import on_tiny_assets, write_config
+from dskd_devkit.axolotl_runs import on_tiny_assets, write_config
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DS_DIR = REPO / "example_configs" / "deepspeed"
 STAGES = {"zero2.json": 2}
 EXAMPLES = {"dskd_zero2.yml": 2}
@@ -53,8 +53,14 @@ def test_deepspeed_json_is_a_standard_auto_config(name):
     ds = HfDeepSpeedConfig(config)
     assert ds.get_value("zero_optimization.stage") == STAGES[name]
     assert ds.is_zero3() == (STAGES[name] == 3)
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping", "bf16.enabled", "fp16.enabled"):
+    for key in (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+        "bf16.enabled",
+        "fp16.enabled",
+    ):
         assert ds.get_value(key) == "auto", key
     assert "optimizer" not in config and "scheduler" not in config, (
         "the HF trainer must build the optimizer: DSKD adds the projectors' parameter group"
@@ -131,8 +137,12 @@ def test_hf_trainer_fills_every_auto_value(name, tmp_path):
     from transformers import TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), deepspeed=str(DS_DIR / name), per_device_train_batch_size=2,
-        gradient_accumulation_steps=4, max_grad_norm=1.0, report_to=[],
+        output_dir=str(tmp_path),
+        deepspeed=str(DS_DIR / name),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_grad_norm=1.0,
+        report_to=[],
     )
     config = args.hf_deepspeed_config.config
     assert config["train_micro_batch_size_per_gpu"] == 2
@@ -144,12 +154,16 @@ def test_deepspeed_extra_is_the_range_axolotl_accepts():
     """``pip install axolotl_dskd[deepspeed]`` must not pick a DeepSpeed Axolotl refuses."""
     import tomllib
 
-    ours = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["deepspeed"]
+    ours = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "deepspeed"
+    ]
     ours_ds = [Requirement(r) for r in ours if Requirement(r).name == "deepspeed"]
     assert len(ours_ds) == 1, ours
     theirs = [
-        Requirement(r) for r in metadata.requires("axolotl") or []
-        if Requirement(r).name == "deepspeed" and Requirement(r).marker is not None
+        Requirement(r)
+        for r in metadata.requires("axolotl") or []
+        if Requirement(r).name == "deepspeed"
+        and Requirement(r).marker is not None
         and Requirement(r).marker.evaluate({"extra": "deepspeed"})
     ]
     assert len(theirs) == 1, "axolotl's own deepspeed extra not found in its metadata"

@@ -1,9 +1,9 @@
-"""The DSKD loss (``axolotl_dskd.loss.dskd_loss``) against its contract, shared/dskd-spec.md.
+"""The DSKD loss (``axolotl_dskd.loss.dskd_loss``) against its math (``docs/dskd.md``).
 
-Most tests compare the project's (float32, chunked) loss with ``tests/reference_dskd.py``, an
-independent float64 transcription of the spec: the loss, every logged term, and the gradients
+Most tests compare the project's (float32, chunked) loss with ``dskd_devkit.reference``, an
+independent float64 transcription of the math: the loss, every logged term, and the gradients
 with respect to the student's hidden states, the student's LM head (full fine-tune) and every
-projector parameter, to a relative 2e-4. The rest check properties the spec states outright
+projector parameter, to a relative 2e-4. The rest check properties the math states outright
 (closed forms of the divergences, where gradients may and may not flow, invariance to padding,
 packing and chunking, bf16 robustness, config validation) without the reference.
 """
@@ -21,11 +21,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from axolotl_dskd.loss import DSKDLossConfig, Projectors, dskd_loss
-
-try:
-    from reference_dskd import reference_divergence, reference_dskd_loss
-except ImportError:  # tests/ imported as a package
-    from tests.reference_dskd import reference_divergence, reference_dskd_loss
+from dskd_devkit.reference import reference_divergence, reference_dskd_loss
+from dskd_devkit.unchunked import unchunked_dskd_loss
 
 DIVERGENCES = (
     "forward_kl",
@@ -105,13 +102,13 @@ def same_vocab_case(
         labels = torch.cat([labels, torch.full((B, pad), -100)], 1)
         h_s = torch.cat([h_s, 50 * torch.randn(B, pad, d_s, generator=g)], 1)
         h_t = torch.cat([h_t, 50 * torch.randn(B, pad, d_t, generator=g)], 1)
-    inputs = dict(
-        student_hidden=_leaf(h_s, dtype, True),
-        student_lm_head=_leaf(W_s, dtype, full_ft),
-        student_labels=labels,
-        teacher_hidden=_leaf(h_t, dtype, False),
-        teacher_lm_head=_leaf(W_t, dtype, False),
-    )
+    inputs = {
+        "student_hidden": _leaf(h_s, dtype, True),
+        "student_lm_head": _leaf(W_s, dtype, full_ft),
+        "student_labels": labels,
+        "teacher_hidden": _leaf(h_t, dtype, False),
+        "teacher_lm_head": _leaf(W_t, dtype, False),
+    }
     return Case(proj, inputs, cross_tokenizer=False)
 
 
@@ -247,18 +244,18 @@ def assemble(
 
     s_ids, s_labels, h_s, s_seg = side("s", world.d_s)
     t_ids, t_labels, h_t, t_seg = side("t", world.d_t)
-    inputs = dict(
-        student_hidden=_leaf(h_s, dtype, True),
-        student_lm_head=_leaf(world.W_s, dtype, full_ft),
-        student_labels=s_labels,
-        teacher_hidden=_leaf(h_t, dtype, False),
-        teacher_lm_head=_leaf(world.W_t, dtype, False),
-        teacher_labels=t_labels,
-        student_input_ids=s_ids,
-        teacher_input_ids=t_ids,
-        student_embeddings=_leaf(world.E_s, dtype, False),
-        teacher_embeddings=_leaf(world.E_t, dtype, False),
-    )
+    inputs = {
+        "student_hidden": _leaf(h_s, dtype, True),
+        "student_lm_head": _leaf(world.W_s, dtype, full_ft),
+        "student_labels": s_labels,
+        "teacher_hidden": _leaf(h_t, dtype, False),
+        "teacher_lm_head": _leaf(world.W_t, dtype, False),
+        "teacher_labels": t_labels,
+        "student_input_ids": s_ids,
+        "teacher_input_ids": t_ids,
+        "student_embeddings": _leaf(world.E_s, dtype, False),
+        "teacher_embeddings": _leaf(world.E_t, dtype, False),
+    }
     if segments:
         inputs["student_segment_ids"] = s_seg
         inputs["teacher_segment_ids"] = t_seg
@@ -280,7 +277,11 @@ def cma_case(
     g = torch.Generator().manual_seed(2000 + seed)
     samples = [
         make_sample(
-            world, g, n_tokens=10 - b, prompt=3 - b, hidden_scale=hidden_scale,
+            world,
+            g,
+            n_tokens=10 - b,
+            prompt=3 - b,
+            hidden_scale=hidden_scale,
             teacher_trained=(b != empty_teacher_row),
         )
         for b in range(2)
@@ -323,9 +324,7 @@ def _f(x) -> float:
 
 def grads(loss: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor | None]:
     names = list(targets)
-    gs = torch.autograd.grad(
-        loss, [targets[n] for n in names], allow_unused=True, retain_graph=True
-    )
+    gs = torch.autograd.grad(loss, [targets[n] for n in names], allow_unused=True, retain_graph=True)
     return dict(zip(names, gs))
 
 
@@ -403,9 +402,7 @@ def test_num_items_matches_reference(variant, as_tensor):
     case = make_case(variant, seed=3)
     num_items = 3 * case.n_trained() + 5  # e.g. a global count over accumulation steps
     cfg = case.config(divergence="skew_reverse_kl", chunk_size=3)
-    check_against_reference(
-        case, cfg, num_items=torch.tensor(num_items) if as_tensor else num_items
-    )
+    check_against_reference(case, cfg, num_items=torch.tensor(num_items) if as_tensor else num_items)
 
 
 @pytest.mark.parametrize("variant", ["same", "cma"])
@@ -462,8 +459,7 @@ def test_cma_sample_without_trained_student_token_matches_reference(chunk_size):
     cut = make_sample(world, g, n_tokens=9, s_trained=[False] * 9)
     cut.t_trained = [k >= 2 for k in range(len(cut.t_ids))]
     case = assemble(world, [[good], [cut]], full_ft=True)
-    cfg = case.config(divergence="forward_kl", teacher_space_divergence="reverse_kl",
-                      chunk_size=chunk_size)
+    cfg = case.config(divergence="forward_kl", teacher_space_divergence="reverse_kl", chunk_size=chunk_size)
     # (Dropping the cut sample is not equivalent: its trained teacher tokens still count in
     # Norm's std over the micro-batch's valid teacher positions.)
     check_against_reference(case, cfg)
@@ -478,8 +474,7 @@ def test_cma_packed_segments_match_reference(chunk_size):
         [make_sample(world, g, n_tokens=7, prompt=3)],
     ]
     case = assemble(world, rows, segments=True, full_ft=True)
-    cfg = case.config(divergence="adaptive_kl", teacher_space_divergence="reverse_kl",
-                      chunk_size=chunk_size)
+    cfg = case.config(divergence="adaptive_kl", teacher_space_divergence="reverse_kl", chunk_size=chunk_size)
     check_against_reference(case, cfg)
 
 
@@ -514,7 +509,7 @@ def test_cma_packed_row_equals_separate_rows(aligned):
 def test_padding_changes_nothing(variant):
     """Padded positions (label -100, any hidden state) do not enter any term, nor Norm's std
     (spec: 'Norm uses the std over valid positions only')."""
-    cfg_kw = dict(divergence="js", teacher_space_divergence="adaptive_kl")
+    cfg_kw = {"divergence": "js", "teacher_space_divergence": "adaptive_kl"}
     base = make_case(variant, seed=10)
     padded = make_case(variant, seed=10, pad=3)
     cfg = base.config(**cfg_kw)
@@ -529,9 +524,7 @@ def test_padding_changes_nothing(variant):
         assert_rel(gp[name], gb[name], f"d loss / d {name}", rtol=1e-4)
 
 
-@settings(
-    max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=20, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     masks=st.lists(
         st.tuples(
@@ -555,8 +548,7 @@ def test_cma_any_label_mask_matches_reference(masks, divergence, chunk_size, see
     g = torch.Generator().manual_seed(seed)
     samples = []
     for flags, teacher in masks:
-        smp = make_sample(world, g, n_tokens=len(flags), s_trained=flags,
-                          teacher_trained=teacher != "none")
+        smp = make_sample(world, g, n_tokens=len(flags), s_trained=flags, teacher_trained=teacher != "none")
         if teacher == "all":
             smp.t_trained = [True] * len(smp.t_ids)
         samples.append(smp)
@@ -639,13 +631,13 @@ def identity_case(p_rows: list[list[float]], q_rows: list[list[float]], T: float
     hs = torch.stack([h_s, torch.zeros(n, V, dtype=torch.float64)], 1).float()
     ht = torch.stack([h_t, torch.zeros(n, V, dtype=torch.float64)], 1).float()
     labels = torch.tensor([[-100, 0]] * n)
-    inputs = dict(
-        student_hidden=hs.requires_grad_(),
-        student_lm_head=torch.eye(V),
-        student_labels=labels,
-        teacher_hidden=ht,
-        teacher_lm_head=torch.eye(V),
-    )
+    inputs = {
+        "student_hidden": hs.requires_grad_(),
+        "student_lm_head": torch.eye(V),
+        "student_labels": labels,
+        "teacher_hidden": ht,
+        "teacher_lm_head": torch.eye(V),
+    }
     return Case(proj, inputs, cross_tokenizer=False)
 
 
@@ -659,15 +651,16 @@ def test_divergence_closed_form(name, dist, lam, alpha):
     # the reference
     z_q = T * torch.tensor([q], dtype=torch.float64).log()
     z_p = T * torch.tensor([p], dtype=torch.float64).log()
-    got_ref = reference_divergence(
-        name, z_q, z_p, temperature=T, skew_lambda=lam, akl_alpha=alpha
-    )
+    got_ref = reference_divergence(name, z_q, z_p, temperature=T, skew_lambda=lam, akl_alpha=alpha)
     assert float(got_ref) == pytest.approx(want, rel=1e-9, abs=1e-12)
     # the project, student space (kd_student) and teacher space (kd_teacher)
     case = identity_case([p], [q], T)
     cfg = case.config(
-        divergence=name, teacher_space_divergence=name, temperature=T,
-        skew_lambda=lam, akl_alpha=alpha,
+        divergence=name,
+        teacher_space_divergence=name,
+        temperature=T,
+        skew_lambda=lam,
+        akl_alpha=alpha,
     )
     out = dskd_loss(case.proj, **case.inputs, config=cfg)
     assert _f(out.metrics["kd_student"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
@@ -831,10 +824,14 @@ def test_same_vocab_t2s_gradient_ignores_the_student():
     b = same_vocab_case(seed=19)
     with torch.no_grad():
         b.inputs["student_hidden"].mul_(-3.0).add_(1.0)
-    ga = grads(dskd_loss(a.proj, **a.inputs, config=a.config(divergence="forward_kl")).loss,
-               {"w": a.proj.t2s.weight, "b": a.proj.t2s.bias})
-    gb = grads(dskd_loss(b.proj, **b.inputs, config=b.config(divergence="adaptive_kl")).loss,
-               {"w": b.proj.t2s.weight, "b": b.proj.t2s.bias})
+    ga = grads(
+        dskd_loss(a.proj, **a.inputs, config=a.config(divergence="forward_kl")).loss,
+        {"w": a.proj.t2s.weight, "b": a.proj.t2s.bias},
+    )
+    gb = grads(
+        dskd_loss(b.proj, **b.inputs, config=b.config(divergence="adaptive_kl")).loss,
+        {"w": b.proj.t2s.weight, "b": b.proj.t2s.bias},
+    )
     for k in ga:
         assert_rel(ga[k], gb[k], f"t2s {k}", rtol=1e-6)
 
@@ -844,10 +841,8 @@ def test_s2t_gradient_ignores_the_student_space_divergence(variant):
     a, b = make_case(variant, seed=20), make_case(variant, seed=20)
     params_a = dict(a.proj.s2t.named_parameters())
     params_b = dict(b.proj.s2t.named_parameters())
-    ga = grads(dskd_loss(a.proj, **a.inputs, config=a.config(divergence="forward_kl")).loss,
-               params_a)
-    gb = grads(dskd_loss(b.proj, **b.inputs, config=b.config(divergence="reverse_kl")).loss,
-               params_b)
+    ga = grads(dskd_loss(a.proj, **a.inputs, config=a.config(divergence="forward_kl")).loss, params_a)
+    gb = grads(dskd_loss(b.proj, **b.inputs, config=b.config(divergence="reverse_kl")).loss, params_b)
     for k in ga:
         assert_rel(ga[k], gb[k], f"s2t {k}", rtol=1e-6)
 
@@ -945,3 +940,73 @@ def test_config_rejects_unknown_teacher_space_divergence():
     with pytest.raises(ValueError, match="teacher_space_divergence") as err:
         DSKDLossConfig(teacher_space_divergence="tvd")
     assert "tvd" in str(err.value)
+
+
+# ============================================================================================
+# The benchmark's unchunked baseline computes the same loss
+# ============================================================================================
+# ``benchmarks/loss_memory.py`` measures memory and time against ``dskd_devkit.unchunked`` (whole-
+# batch logits, in the inputs' precision): value, every metric and every trainable gradient must
+# agree, or that comparison would be meaningless.
+
+BASELINE_RTOL = 1e-4
+
+
+@pytest.mark.parametrize(
+    "divergence,teacher_space_divergence",
+    [("forward_kl", "forward_kl"), ("adaptive_kl", "js"), ("skew_reverse_kl", "reverse_kl")],
+)
+@pytest.mark.parametrize("full_ft", [False, True], ids=["frozen_head", "full_ft"])
+@pytest.mark.parametrize("variant", ["same", "cma"])
+def test_unchunked_baseline_matches_dskd_loss(variant, full_ft, divergence, teacher_space_divergence):
+    case = make_case(variant, seed=5, full_ft=full_ft, pad=2)
+    cfg = case.config(divergence=divergence, teacher_space_divergence=teacher_space_divergence, chunk_size=3)
+    targets = case.trainable()
+    out = dskd_loss(case.proj, **case.inputs, config=cfg)
+    base_loss, base_metrics = unchunked_dskd_loss(case.proj, **case.inputs, config=cfg)
+    assert base_loss.dtype == torch.float32
+    assert_rel(base_loss, out.loss, "loss", rtol=BASELINE_RTOL)
+    for name in METRICS:
+        assert_rel(base_metrics[name], out.metrics[name], f"metric {name}", rtol=BASELINE_RTOL)
+    if variant == "cma":  # the accuracy mask of kd_student is exercised
+        assert 0.0 < float(out.metrics["t2s_acc"]) < 1.0
+    g_base = grads(base_loss, targets)
+    g_out = grads(out.loss, targets)
+    for name in targets:
+        assert_rel(g_base[name], g_out[name], f"d loss / d {name}", rtol=BASELINE_RTOL)
+
+
+def test_unchunked_baseline_matches_with_packing_and_num_items():
+    case = make_case("cma", seed=2)
+    cfg = case.config(chunk_size=4)
+    s_ids, t_ids = case.inputs["student_input_ids"], case.inputs["teacher_input_ids"]
+    # two packed samples per row: split each row in the middle
+    seg = {
+        "student_segment_ids": (torch.arange(s_ids.shape[1]) >= s_ids.shape[1] // 2).long().expand_as(s_ids),
+        "teacher_segment_ids": (torch.arange(t_ids.shape[1]) >= t_ids.shape[1] // 2).long().expand_as(t_ids),
+    }
+    extra = dict(num_items=3 * case.n_trained() + 1, **seg)
+    out = dskd_loss(case.proj, **case.inputs, config=cfg, **extra)
+    base_loss, _ = unchunked_dskd_loss(case.proj, **case.inputs, config=cfg, **extra)
+    assert_rel(base_loss, out.loss, "loss", rtol=BASELINE_RTOL)
+    targets = case.trainable()
+    g_base, g_out = grads(base_loss, targets), grads(out.loss, targets)
+    for name in targets:
+        assert_rel(g_base[name], g_out[name], f"d loss / d {name}", rtol=BASELINE_RTOL)
+
+
+def test_benchmark_inputs_agree_at_small_realistic_shape():
+    """The benchmark's own input generator, at a small size: both implementations agree."""
+    from benchmarks.loss_memory import Point, make_inputs
+
+    for variant in ("same", "cma"):
+        point = Point(tokens=64, v_t=1024, variant=variant)
+        proj, inputs, cfg = make_inputs(
+            point, d_s=16, d_t=24, v_s=512, device="cpu", dtype=torch.float32, seed=0
+        )
+        out = dskd_loss(proj, **inputs, config=cfg)
+        base_loss, _ = unchunked_dskd_loss(proj, **inputs, config=cfg)
+        assert_rel(base_loss, out.loss, f"{variant} loss", rtol=BASELINE_RTOL)
+        g_out = torch.autograd.grad(out.loss, inputs["student_hidden"])[0]
+        g_base = torch.autograd.grad(base_loss, inputs["student_hidden"])[0]
+        assert_rel(g_base, g_out, f"{variant} d loss / d student_hidden", rtol=BASELINE_RTOL)

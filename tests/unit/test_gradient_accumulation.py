@@ -1,4 +1,4 @@
-"""Gradient accumulation and data parallelism: ``num_items`` makes DSKD a global token mean.
+"""Gradient accumulation: ``num_items`` makes DSKD a global token mean.
 
 The trainer passes ``num_items_in_batch``, the number of trained student targets in the whole
 optimizer step (every accumulated micro-batch, on every GPU), and DSKD divides its token sums by
@@ -12,7 +12,7 @@ the full fine-tune variant. Everything the optimizer sees is compared: ``P``, th
 every projector parameter.
 
 Cross-model attention has one batch-level statistic: ``Norm(x) = x / std(x)`` takes the std over
-the valid positions *of the micro-batch* (dskd-spec.md, CMA step 2). Split a batch and those
+the valid positions *of the micro-batch* (``docs/dskd.md``, cross-model attention). Split a batch and those
 three scalars change a little, so CMA is exact only with them held fixed; the CMA test replays
 the one-batch scalars in the micro-batches (and a second test checks that ``num_items`` itself
 only rescales each micro-batch). Everything else in CMA is per sample.
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import axolotl_dskd.loss as dskd_loss_module
@@ -132,13 +131,17 @@ def n_trained(rows: list[Row]) -> int:
     return sum(int((r.s_labels[1:] != -100).sum()) for r in rows)
 
 
-def _pad(seqs: list[Tensor], fill: float | int, length: int) -> Tensor:
+def _pad(seqs: list[Tensor], fill: float, length: int) -> Tensor:
     out = []
     for s in seqs:
         extra = length - s.shape[0]
         pad_shape = (extra, *s.shape[1:])
         # padded positions get loud garbage: they must not matter
-        filler = torch.full(pad_shape, fill, dtype=s.dtype) if s.dim() == 1 else 40 * torch.randn(pad_shape, dtype=s.dtype)
+        filler = (
+            torch.full(pad_shape, fill, dtype=s.dtype)
+            if s.dim() == 1
+            else 40 * torch.randn(pad_shape, dtype=s.dtype)
+        )
         out.append(torch.cat([s, filler]))
     return torch.stack(out)
 
@@ -148,13 +151,13 @@ def loss_of(world: World, rows: list[Row], *, cross: bool, num_items=None, chunk
     L_s = max(r.s_ids.shape[0] for r in rows)
     L_t = max(r.t_ids.shape[0] for r in rows)
     x = _pad([r.x for r in rows], 0.0, L_s)
-    inputs = dict(
-        student_hidden=x @ world.P,
-        student_lm_head=world.W_s,
-        student_labels=_pad([r.s_labels for r in rows], -100, L_s),
-        teacher_hidden=_pad([r.h_t for r in rows], 0.0, L_t),
-        teacher_lm_head=world.W_t,
-    )
+    inputs = {
+        "student_hidden": x @ world.P,
+        "student_lm_head": world.W_s,
+        "student_labels": _pad([r.s_labels for r in rows], -100, L_s),
+        "teacher_hidden": _pad([r.h_t for r in rows], 0.0, L_t),
+        "teacher_lm_head": world.W_t,
+    }
     if cross:
         inputs.update(
             teacher_labels=_pad([r.t_labels for r in rows], -100, L_t),
@@ -180,11 +183,11 @@ def make_batches(world: World, seed: int, *, cross: bool) -> tuple[list[Row], li
 
 def assert_grads_close(actual: dict, expected: dict, rtol: float, atol: float, what: str) -> None:
     assert actual.keys() == expected.keys()
-    for name in expected:
-        a, e = actual[name], expected[name]
+    for name, e in expected.items():
+        a = actual[name]
         assert torch.isfinite(a).all(), f"{what}: non-finite gradient of {name}"
         assert e.abs().max() > 0, f"{what}: {name} gets no gradient at all; the test proves nothing"
-        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{what}, {name}: {m}")
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=f"{what}, {name}: gradients differ")
 
 
 def accumulate(world: World, micro_batches: list[list[Row]], *, cross: bool, scale: float = 1.0, **kw):
@@ -235,9 +238,11 @@ def test_same_vocab_per_micro_batch_mean_is_not_the_global_mean():
     assert not torch.allclose(naive["P"], ref["P"], rtol=1e-3, atol=0)
 
 
-def test_same_vocab_data_parallel_equals_one_batch():
-    """Two ranks, one micro-batch each: the trainer multiplies by the number of processes
-    (``average_tokens_across_devices``) and DDP averages the ranks' gradients."""
+def test_same_vocab_loss_scaled_by_process_count_and_averaged_equals_one_batch():
+    """The arithmetic of data parallelism, on one process: scaling each micro-batch's loss by the
+    number of processes (as the trainer does with ``average_tokens_across_devices``) and then
+    averaging the gradients (as DDP's all-reduce would) gives the one-batch gradients. Real
+    process groups are not involved: this checks the loss's normalization, not synchronization."""
     world = make_world(1, cross=False, full_ft=True)
     mb1, mb2 = make_batches(world, 1, cross=False)
     ranks = 2
@@ -327,17 +332,19 @@ def test_cma_micro_batch_norm_is_the_only_coupling(monkeypatch):
 
 def _features(tokenizer, n: int) -> list[dict]:
     """Prompt (untrained) + response rows of different lengths, so micro-batches differ."""
-    from axolotl_dskd.tiny import arithmetic_rows
+    from dskd_devkit.task import arithmetic_rows
 
     rows = []
     for i, r in enumerate(arithmetic_rows(n, seed=7)):
         prompt = tokenizer(f"{r['instruction']} {r['input']} =")["input_ids"]
         answer = tokenizer(" " + " ".join([r["output"]] * (1 + 3 * (i % 2))))["input_ids"]
-        rows.append({
-            "input_ids": prompt + answer,
-            "attention_mask": [1] * (len(prompt) + len(answer)),
-            "labels": [-100] * len(prompt) + answer,
-        })
+        rows.append(
+            {
+                "input_ids": prompt + answer,
+                "attention_mask": [1] * (len(prompt) + len(answer)),
+                "labels": [-100] * len(prompt) + answer,
+            }
+        )
     return rows
 
 
@@ -352,13 +359,12 @@ def _train_one_step(assets, tmp_path, state, *, micro_batch: int, accumulation: 
     the projector gradients left over after the step)."""
     import copy
 
-    from axolotl.core.training_args import AxolotlTrainingArguments
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     from axolotl_dskd.teacher import load_teacher
-    from axolotl_dskd.trainer import DSKDTrainer
+    from dskd_devkit.axolotl_runs import dskd_trainer
 
     tokenizer = AutoTokenizer.from_pretrained(assets["student"])
     student = AutoModelForCausalLM.from_pretrained(assets["student"], dtype=torch.float32)
@@ -376,19 +382,14 @@ def _train_one_step(assets, tmp_path, state, *, micro_batch: int, accumulation: 
     student.load_state_dict(state[0])
     proj.load_state_dict(state[1])
     before = _trainable(student, proj)
-    args = AxolotlTrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-        report_to=[], save_strategy="no", logging_steps=1, remove_unused_columns=False,
-        dataloader_num_workers=0, use_cpu=True, seed=0,
-        curriculum_sampling=True,  # sequential order: both runs see the same 4 rows
-    )
-    trainer = DSKDTrainer(
-        model=student, args=args, train_dataset=Dataset.from_list(_features(tokenizer, 4)),
+    trainer = dskd_trainer(
+        student, teacher, proj, train_dataset=Dataset.from_list(_features(tokenizer, 4)),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-    )
-    trainer.attach_teacher(teacher, proj, DSKDLossConfig(), projector_lr=1.0)
+        output_dir=str(tmp_path), per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd",
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+        dskd_projector_lr=1.0, curriculum_sampling=True,  # sequential order: both runs see the same 4 rows
+    )  # fmt: skip
     trainer.train()
     return state, before, _trainable(student, proj), [p.grad for p in proj.parameters()]
 
@@ -396,12 +397,14 @@ def _train_one_step(assets, tmp_path, state, *, micro_batch: int, accumulation: 
 def test_dskd_trainer_accumulation_equals_one_batch(assets, tmp_path):
     """One SGD step (lr 1, no clipping, no decay) of the real trainer: 2 micro-batches of 2 rows
     with gradient_accumulation_steps=2 give the update of 1 micro-batch of all 4 rows."""
-    state, before, acc, leftover = _train_one_step(assets, tmp_path / "acc", None, micro_batch=2, accumulation=2)
+    state, before, acc, _leftover = _train_one_step(
+        assets, tmp_path / "acc", None, micro_batch=2, accumulation=2
+    )
     _, before_one, one, _ = _train_one_step(assets, tmp_path / "one", state, micro_batch=4, accumulation=1)
     assert acc.keys() == one.keys() == before.keys()
     for name in acc:
         torch.testing.assert_close(before_one[name], before[name], rtol=0, atol=0)
-        torch.testing.assert_close(acc[name], one[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(acc[name], one[name], rtol=1e-4, atol=1e-6, msg=f"{name}: updates differ")
     moved = [n for n in acc if not torch.allclose(acc[n], before[n], rtol=1e-3, atol=1e-6)]
     assert any("lora" in n for n in moved) and any(n.startswith("proj.") for n in moved), moved
 

@@ -1,10 +1,10 @@
-"""An independent, plain float64 transcription of the DSKD loss contract (shared/dskd-spec.md).
+"""An independent, plain float64 transcription of the DSKD loss (``docs/dskd.md``).
 
-This file is written from the specification text alone and is deliberately naive: no chunking,
+This file is written from the math alone and is deliberately naive: no chunking,
 full-vocabulary logits for the whole batch, every step in the order the spec states it, in
-float64. It is the yardstick that ``tests/test_loss.py`` holds ``axolotl_dskd.loss.dskd_loss`` to
-(values, metrics and gradients), and ``benchmarks/loss_memory.py`` uses it as the unchunked
-baseline.
+float64. It is the yardstick that ``tests/unit/test_loss.py`` holds ``axolotl_dskd.loss.dskd_loss`` to
+(values, metrics and gradients), and the benchmarks' unchunked baseline
+(:mod:`dskd_devkit.unchunked`) is checked against the same tests.
 
 Gradients flow back to the caller's tensors: inputs are cast with ``.to(float64)`` (which is
 differentiable) and the projectors are applied through ``torch.func.functional_call`` with their
@@ -44,15 +44,15 @@ DIVERGENCE_NAMES = (
     "skew_reverse_kl",
     "adaptive_kl",
 )
-_DEFAULTS = dict(
-    kd_rate=0.5,
-    temperature=2.0,
-    divergence="forward_kl",
-    teacher_space_divergence="forward_kl",
-    skew_lambda=0.1,
-    akl_alpha=0.5,
-    cross_tokenizer=False,
-)
+_DEFAULTS = {
+    "kd_rate": 0.5,
+    "temperature": 2.0,
+    "divergence": "forward_kl",
+    "teacher_space_divergence": "forward_kl",
+    "skew_lambda": 0.1,
+    "akl_alpha": 0.5,
+    "cross_tokenizer": False,
+}
 F64 = torch.float64
 
 

@@ -1,0 +1,124 @@
+"""DSKDTrainer built in this process, as Axolotl builds it: every ``dskd_*`` key of a YAML reaches
+the trainer and its loss, and the logged perplexity is the student's own."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from axolotl_dskd.args import YAML_LOSS_FIELDS, DSKDArgs
+from axolotl_dskd.loss import DSKDLossConfig, Projectors
+from axolotl_dskd.teacher import load_teacher
+from dskd_devkit.axolotl_runs import dskd_config, dskd_trainer, load_config
+
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
+
+NOT_DEFAULT = {
+    "kd_rate": 0.25,
+    "temperature": 3.5,
+    "divergence": "adaptive_kl",
+    "teacher_space_divergence": "js",
+    "skew_lambda": 0.3,
+    "akl_alpha": 0.7,
+    "chunk_size": 17,
+    "compile": True,
+}
+"""A value other than the default for every loss setting with a YAML key."""
+
+
+def test_every_loss_setting_has_a_yaml_key_with_its_default():
+    """The loss config is the one source of the defaults: each setting is a ``dskd_`` key."""
+    assert set(NOT_DEFAULT) == set(YAML_LOSS_FIELDS)
+    defaults = DSKDLossConfig()
+    for name in YAML_LOSS_FIELDS:
+        assert DSKDArgs.model_fields[f"dskd_{name}"].default == getattr(defaults, name)
+        assert NOT_DEFAULT[name] != getattr(defaults, name)
+
+
+def _trainer_from_yaml(assets, tmp_path, **yaml_keys):
+    """Validate a YAML with Axolotl's load_cfg, pass the plugin's training args as Axolotl's
+    builder does, and build the trainer."""
+    from axolotl.integrations.base import PluginManager
+
+    cfg = load_config(dskd_config(assets, tmp_path, **yaml_keys), tmp_path)
+    plugin_args = PluginManager.get_instance().get_training_args(cfg)
+    student = AutoModelForCausalLM.from_pretrained(cfg.base_model)
+    teacher = load_teacher(cfg.dskd_teacher, device=torch.device("cpu"), dtype=torch.float32)
+    projectors = Projectors(64, 128, cross_tokenizer=cfg.dskd_cross_tokenizer)
+    return dskd_trainer(student, teacher, projectors, output_dir=str(tmp_path / "out"), **plugin_args)
+
+
+def test_every_dskd_key_reaches_the_trainer_and_its_loss(assets, tmp_path):
+    trainer = _trainer_from_yaml(
+        assets, tmp_path, student="student_sp", dskd_projector_lr=0.02, dskd_on_nonfinite="skip",
+        **{f"dskd_{name}": value for name, value in NOT_DEFAULT.items()},
+    )  # fmt: skip
+    assert trainer.loss_config == DSKDLossConfig(cross_tokenizer=True, **NOT_DEFAULT)
+    assert trainer.args.dskd_on_nonfinite == "skip"
+    for name in DSKDArgs.model_fields:
+        assert hasattr(trainer.args, name), name
+    optimizer = trainer.create_optimizer()
+    projector_ids = {id(p) for p in trainer.projectors.parameters()}
+    groups = [g for g in optimizer.param_groups if projector_ids & {id(p) for p in g["params"]}]
+    assert [g["lr"] for g in groups] == [0.02]
+
+
+def test_defaults_reach_the_loss_unchanged(assets, tmp_path):
+    trainer = _trainer_from_yaml(assets, tmp_path)
+    assert trainer.loss_config == DSKDLossConfig()
+    assert trainer.args.dskd_method == "dskd" and trainer.args.dskd_on_nonfinite == "stop"
+
+
+class _Logs(TrainerCallback):
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.rows.append(dict(logs))
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_logged_perplexity_is_the_students_own(assets, tmp_path, split):
+    """Axolotl logs ppl = exp(loss); under DSKD the loss mixes in the distillation terms, so the
+    plugin logs exp(dskd/ce), the student's own cross-entropy (train and eval)."""
+    trainer = _trainer_from_yaml(assets, tmp_path)
+    logs = _Logs()
+    trainer.add_callback(logs)
+    prefix = "" if split == "train" else "eval_"
+    trainer.store_metrics({f"{prefix}dskd/ce": 2.0}, train_eval=split)
+    trainer.log({f"{prefix}loss": 9.0})
+    (row,) = logs.rows
+    assert row[f"{prefix}ppl"] == pytest.approx(math.exp(2.0))
+    assert row[f"{prefix}loss"] == 9.0
+
+
+def test_a_trainer_without_the_plugins_training_args_is_refused(assets, tmp_path):
+    """Training arguments without the dskd_* fields (the plugin registered too late) stop the
+    trainer with a message, instead of training with silent defaults."""
+    from axolotl.core.training_args_base import AxolotlTrainingMixins
+    from transformers import TrainingArguments
+
+    from axolotl_dskd.trainer import DSKDTrainer
+
+    @dataclasses.dataclass
+    class WithoutPlugins(AxolotlTrainingMixins, TrainingArguments):
+        """Axolotl's training arguments as they are when no plugin was registered in time."""
+
+    student = AutoModelForCausalLM.from_pretrained(assets["student"])
+    args = WithoutPlugins(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(TypeError, match="dskd_\\* fields"):
+        DSKDTrainer(model=student, args=args)
+
+
+def test_loss_config_fields_carry_docs_and_bounds():
+    """Each loss setting says what it means: the YAML schema shows it as the key's description."""
+    for f in dataclasses.fields(DSKDLossConfig):
+        assert f.metadata["doc"], f.name
+    assert (
+        DSKDArgs.model_fields["dskd_kd_rate"].description
+        == dataclasses.fields(DSKDLossConfig)[0].metadata["doc"]
+    )

@@ -1,0 +1,28 @@
+"""The wheel users install holds the plugin and nothing else: no tests, no development kit, no
+benchmarks or demo scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_holds_the_plugin_its_alias_and_cli_modules_only(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path), str(REPO)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("axolotl_dskd-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n for n in names if ".dist-info/" not in n}
+    expected = {f"axolotl_dskd/{p.name}" for p in (REPO / "axolotl_dskd").glob("*.py")} | {
+        "axolotl_dskd_alias.pth"
+    }
+    assert shipped == expected
+    assert {"axolotl_dskd/evaluate.py", "axolotl_dskd/dolly.py", "axolotl_dskd/plugin.py"} <= shipped
+    assert not any(n.startswith(("tests/", "dskd_devkit/", "benchmarks/", "scripts/")) for n in names)
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
