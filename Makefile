@@ -2,7 +2,7 @@
 # up to date). The tests, the quickstart and the benchmarks set their own offline environment
 # (dskd_devkit.axolotl_runs.OFFLINE_ENV).
 
-.PHONY: venv quickstart test test-fast lint format
+.PHONY: venv venv-compat quickstart test test-fast test-compat lint format
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -17,6 +17,14 @@ test: lint
 # the in-process unit tests only (no Axolotl subprocess): under two minutes on two cores
 test-fast: venv
 	.venv/bin/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+# Axolotl 0.21 on Python 3.12 in .venv-compat/: the unit tests and the CLI runs (same vocabulary
+# with checkpoints, a kill and a resume; cross-tokenizer; packing; full fine-tune with 8-bit teacher)
+venv-compat:
+	@bash scripts/setup_compat_venv.sh
+
+test-compat: venv-compat
+	.venv-compat/bin/python -m pytest -q tests/unit tests/e2e/test_train_cli.py $(PYTEST_ARGS)
 
 lint: venv
 	.venv/bin/ruff check .
