@@ -17,7 +17,8 @@ def test_wheel_holds_the_plugin_its_alias_and_cli_modules_only(tmp_path):
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("axolotl_dskd-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
     shipped = {n for n in names if ".dist-info/" not in n}
     expected = {f"axolotl_dskd/{p.name}" for p in (REPO / "axolotl_dskd").glob("*.py")} | {
         "axolotl_dskd_alias.pth"
@@ -26,3 +27,8 @@ def test_wheel_holds_the_plugin_its_alias_and_cli_modules_only(tmp_path):
     assert {"axolotl_dskd/evaluate.py", "axolotl_dskd/dolly.py", "axolotl_dskd/plugin.py"} <= shipped
     assert not any(n.startswith(("tests/", "dskd_devkit/", "benchmarks/", "scripts/")) for n in names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    # no `axolotl.plugins` entry point: Axolotl 0.21 would load the plugin into every run in the
+    # environment (and twice beside `plugins: [axolotl_dskd]`); the YAML's `plugins:` opts in
+    entry_points = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    with zipfile.ZipFile(wheel) as archive:
+        assert not any(b"[axolotl.plugins]" in archive.read(n) for n in entry_points)
