@@ -99,6 +99,7 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         self.teacher: nn.Module | None = None
         self.projectors: Projectors | None = None
         self.nonfinite_skipped = 0
+        self._last_projector_save: tuple[str, int] | None = None
         # the loss is a sum over tokens divided by the trainer's global token count
         self.model_accepts_loss_kwargs = True
 
@@ -110,23 +111,63 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         self.teacher = teacher
         self.projectors = None if projectors is None else projectors.to(self.args.device)
         if self.projectors is not None:
+            if self._data_parallel():  # one set of projectors: rank 0's, as DDP does for the model
+                for tensor in self.projectors.state_dict().values():
+                    torch.distributed.broadcast(tensor, src=0)
             self.add_callback(ZeroProjectorGrads(self.projectors))
 
     @override
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        if self.projectors is not None:
-            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            params = [p for p in self.projectors.parameters() if id(p) not in known]
-            if params:
-                optimizer.add_param_group(
-                    {
-                        "params": params,
-                        "lr": self.args.dskd_projector_lr,
-                        "weight_decay": self.args.weight_decay,
-                    }
-                )
+        if self.projectors is None:
+            return optimizer
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(p) in known for p in self.projectors.parameters()):
+            return optimizer  # created once; HF asks again on resume
+        decayed = set(self.get_decay_parameter_names(self.projectors))
+        for decay in (True, False):  # biases are not decayed, as in HF's groups of the model
+            params = [p for name, p in self.projectors.named_parameters() if (name in decayed) == decay]
+            weight_decay = self.args.weight_decay if decay else 0.0
+            optimizer.add_param_group(
+                {"params": params, "lr": self.args.dskd_projector_lr, "weight_decay": weight_decay}
+            )
         return optimizer
+
+    def _trained_parameters(self, model: nn.Module) -> list[Tensor]:
+        """The model's parameters and the projectors': one global gradient norm, as one model."""
+        projectors = [] if self.projectors is None else list(self.projectors.parameters())
+        return [*model.parameters(), *projectors]
+
+    def _data_parallel(self) -> bool:
+        """Several processes whose gradients this trainer must synchronize itself (DeepSpeed owns
+        the projectors with the optimizer and reduces their gradients)."""
+        return self.accelerator.num_processes > 1 and not self.is_deepspeed_enabled
+
+    def _sync_projector_gradients(self) -> None:
+        """Average the projectors' gradients over the processes, as DDP does for the model it
+        wraps: the projectors live beside it. Runs once per optimizer step, before clipping."""
+        if self.projectors is None or not self._data_parallel():
+            return
+        params = list(self.projectors.parameters())
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        )
+        torch.distributed.all_reduce(flat)
+        flat /= self.accelerator.num_processes
+        for p, grad in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = grad.view_as(p).clone()
+
+    @override
+    def _clip_grad_norm(self, model: nn.Module) -> Tensor:
+        self._sync_projector_gradients()
+        return self.accelerator.clip_grad_norm_(self._trained_parameters(model), self.args.max_grad_norm)
+
+    @override
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Tensor | float | None = None) -> float:
+        if grad_norm is None:  # no clipping (max_grad_norm 0): still one step's synchronization
+            self._sync_projector_gradients()
+            grad_norm = self.accelerator.clip_grad_norm_(self._trained_parameters(model), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
 
     @override
     def compute_loss(
@@ -147,8 +188,8 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         with explain_out_of_memory():
             out = self._distill(model, inputs, labels, teacher_inputs, segments, num_items_in_batch)
         loss = out.loss
-        if not torch.isfinite(loss):
-            loss = self._non_finite(out)
+        if not self._finite_everywhere(loss):
+            loss = self._non_finite(out, model)
         else:
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
@@ -192,11 +233,20 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
             )
         return dskd_loss(self.projectors, **common, teacher_labels=labels)
 
-    def _non_finite(self, out: DSKDLossOutput) -> Tensor:
+    def _finite_everywhere(self, loss: Tensor) -> bool:
+        """Whether the loss is finite on every process: they skip (or stop) together, so that
+        none waits in a gradient all-reduce that another never joins."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self._data_parallel():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite)
+
+    def _non_finite(self, out: DSKDLossOutput, model: nn.Module) -> Tensor:
         """Stop, naming the term and the step, or skip this micro-batch (``dskd_on_nonfinite``)."""
         terms = ("ce", "kd_student", "t2s_ce", "kd_teacher")
         bad = [name for name in terms if not math.isfinite(float(out.metrics[name]))]
-        where = f"{', '.join(bad) or 'the total'} at step {self.state.global_step + 1}"
+        here = ", ".join(bad) or ("the total" if not torch.isfinite(out.loss) else "")
+        where = f"{here or 'a term on another process'} at step {self.state.global_step + 1}"
         if self.args.dskd_on_nonfinite == "stop":
             raise FloatingPointError(
                 f"DSKD: non-finite {where}. Common causes: fp16 overflow in the models, a diverging "
@@ -205,8 +255,10 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         self.nonfinite_skipped += 1
         LOG.warning("DSKD: non-finite %s; micro-batch skipped (%d so far)", where, self.nonfinite_skipped)
         self.store_metrics({"dskd/nonfinite_skipped": (self.nonfinite_skipped, "max")})
-        # a fresh zero: no gradient at all flows from this micro-batch (0 * nan would be nan)
-        return torch.zeros((), device=out.loss.device, requires_grad=True)
+        # A zero built from the parameters, not from the loss (0 * nan is nan): every trainable
+        # parameter gets an exact zero gradient, so data-parallel reducers see every gradient.
+        trained = [p for p in self._trained_parameters(model) if p.requires_grad]
+        return 0.0 * sum(p.float().sum() for p in trained)
 
     def _teacher_forward_inputs(
         self, inputs: dict[str, Tensor], teacher_inputs: dict[str, Tensor]
@@ -247,9 +299,14 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         return {"loss_config": asdict(self.loss_config), "global_step": self.state.global_step}
 
     def save_projectors(self, output_dir: str | os.PathLike) -> None:
-        if self.projectors is not None and self.args.should_save:
-            path = save_projectors(self.projectors, output_dir, self.projector_metadata())
-            LOG.info("DSKD projectors saved to %s", path)
+        """Write the projectors into ``output_dir``, once per folder and step (Axolotl's
+        ``post_train`` and ``save_model`` may both ask)."""
+        saved = (os.path.abspath(output_dir), self.state.global_step)
+        if self.projectors is None or not self.args.should_save or saved == self._last_projector_save:
+            return
+        path = save_projectors(self.projectors, output_dir, self.projector_metadata())
+        self._last_projector_save = saved
+        LOG.info("DSKD projectors saved to %s", path)
 
     @override
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -257,13 +314,15 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         self.save_projectors(output_dir or self.args.output_dir)
 
     @override
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.projectors is not None:
-            if not projectors_file(resume_from_checkpoint).is_file():
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Restore the projectors with the optimizer: every resume path calls this (DeepSpeed's
+        resume never calls ``_load_from_checkpoint``)."""
+        if checkpoint is not None and self.projectors is not None:
+            if not projectors_file(checkpoint).is_file():
                 raise FileNotFoundError(
-                    f"resume_from_checkpoint: {resume_from_checkpoint} has no DSKD projectors "
+                    f"resume_from_checkpoint: {checkpoint} has no DSKD projectors "
                     "(dskd_projectors.safetensors); it was not written by a DSKD run."
                 )
-            load_projectors(self.projectors, resume_from_checkpoint, key="resume_from_checkpoint")
-            LOG.info("DSKD projectors restored from %s", resume_from_checkpoint)
+            load_projectors(self.projectors, checkpoint, key="resume_from_checkpoint")
+            LOG.info("DSKD projectors restored from %s", checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)

@@ -22,6 +22,9 @@
 #   zero2       a single-process DeepSpeed ZeRO-2 run with the plugin (tiny models), with
 #               example_configs/deepspeed/zero2.json; the projectors must be saved, non-empty
 #               (ZeRO-3 and FSDP are refused at validation: they shard the LM head the loss reads).
+#               Then zero2_resume resumes it from checkpoint-2 (DeepSpeed's resume path, which never
+#               calls _load_from_checkpoint): the projectors must be restored ("DSKD projectors
+#               restored from ..." in the log), trained on and saved.
 #               When one fails, extra_zeroN_patched reruns it with the proposed DeepSpeed fixes
 #               applied as monkeypatches (reported, not counted).
 #
@@ -547,6 +550,27 @@ else
 fi
 
 # ==================================================================================== ZeRO-2 / ZeRO-3
+zero_resume() {  # STAGE RESERVE: resume the ZeRO run from its checkpoint-2 (DeepSpeed's own resume path)
+  local z=$1 name="zero$1_resume" t rc pj
+  t=$(tmo 60 "$2")
+  if [ -z "$t" ]; then skip "$name" "time budget"; return; fi
+  write_yaml "$name" "$WORK/tiny/student_sp" "$WORK/tiny/teacher" "$WORK/data/short.jsonl" 256 2 4 \
+    "deepspeed: $REPO/example_configs/deepspeed/zero$z.json
+resume_from_checkpoint: $WORK/out_zero$z/checkpoint-2"
+  local envs=(MASTER_ADDR=127.0.0.1 "MASTER_PORT=$((29510 + z))")
+  [ "$DEVICE" = cpu ] && envs+=(DSKD_GLOO=1)
+  run_train "$name" "$t" "${envs[@]}"
+  rc=$?
+  if [ $rc -eq 0 ] && grep -q "DSKD projectors restored from $WORK/out_zero$z/checkpoint-2" "$WORK/$name.log" \
+     && pj=$("$PY" "$WORK/ax_check.py" proj "$WORK/out_$name" 64 128 1 2>&1); then
+    echo "  $pj"
+    pass "$name" "ZeRO-$z resumed from checkpoint-2: projectors restored, trained on, saved"
+  else
+    tailog "$WORK/$name.log" 25
+    fail "$name" "ZeRO-$z resume: rc=$rc$([ $rc -eq 124 ] && echo ' (timeout)') ${pj:-}"
+  fi
+}
+
 zero_run() {  # STAGE RESERVE
   local z=$1 name="zero$1" t rc chk pj
   if ! "$PY" -c "import deepspeed" > "$WORK/$name.import.log" 2>&1; then
@@ -566,6 +590,7 @@ zero_run() {  # STAGE RESERVE
      && pj2=$("$PY" "$WORK/ax_check.py" proj "$WORK/out_$name/checkpoint-2" 64 128 1 2>&1); then
     echo "  $chk"; echo "  $pj"
     pass "$name" "ZeRO-$z: rc=0, projectors trained and saved (final and checkpoint-2)"
+    zero_resume "$z" "$2"
     return
   fi
   local why

@@ -3,7 +3,8 @@
 One place for what the quickstart, the benchmarks and the tests share: the offline
 environment, the three launchers users have (``python -m axolotl.cli.train``, ``accelerate
 launch``, ``axolotl train``), the CPU settings Axolotl needs, validating a config with Axolotl's
-own ``load_cfg``, and reading a run's logged metrics. Only :func:`load_config` imports Axolotl.
+own ``load_cfg``, building a ``DSKDTrainer`` in-process, and reading a run's logged metrics.
+Axolotl is imported only inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -193,6 +194,22 @@ def quiet_library_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def bind_plugin_training_args() -> None:
+    """Axolotl adds a plugin's training-args fields (``dskd_*``) to its training arguments once,
+    when ``axolotl.core.training_args`` is first imported, as ``axolotl.cli.train`` does after
+    loading the config. A process that builds trainers directly registers the plugin and imports
+    that module first (call this before anything else imports it)."""
+    from axolotl.integrations.base import PluginManager
+
+    manager = PluginManager.get_instance()
+    registered = dict(manager.plugins)
+    manager.register("axolotl_dskd.DSKDPlugin")
+    import axolotl.core.training_args  # noqa: F401
+
+    manager.plugins.clear()
+    manager.plugins.update(registered)
+
+
 def dskd_trainer(
     model: Any,
     teacher: Any,
@@ -205,6 +222,7 @@ def dskd_trainer(
     """A ``DSKDTrainer`` built in this process, as Axolotl's builder builds it: Axolotl's training
     arguments with the plugin's ``dskd_*`` fields (``training_args`` override any of them, on top
     of CPU-friendly defaults), then the teacher and projectors attached as the plugin does."""
+    bind_plugin_training_args()
     from axolotl.core.training_args import AxolotlTrainingArguments
 
     from axolotl_dskd.trainer import DSKDTrainer

@@ -12,26 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from dskd_devkit.axolotl_runs import OFFLINE_ENV
+from dskd_devkit.axolotl_runs import OFFLINE_ENV, bind_plugin_training_args
 
 os.environ.update(OFFLINE_ENV)
 
 
-def _bind_plugin_training_args() -> None:
-    """Axolotl adds a plugin's training-args fields (``dskd_*``) to its training arguments once,
-    when ``axolotl.core.training_args`` is first imported, as ``axolotl.cli.train`` does after
-    loading the config. In-process tests build trainers directly, so register the plugin and
-    import that module now, before any test can import it without the plugin."""
-    from axolotl.integrations.base import PluginManager
-
-    manager = PluginManager.get_instance()
-    manager.register("axolotl_dskd.DSKDPlugin")
-    import axolotl.core.training_args  # noqa: F401
-
-    manager.plugins.clear()
-
-
-_bind_plugin_training_args()
+bind_plugin_training_args()
 
 
 @pytest.fixture(scope="session")

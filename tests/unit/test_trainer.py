@@ -39,9 +39,9 @@ def test_every_loss_setting_has_a_yaml_key_with_its_default():
         assert NOT_DEFAULT[name] != getattr(defaults, name)
 
 
-def _trainer_from_yaml(assets, tmp_path, **yaml_keys):
+def _trainer_from_yaml(assets, tmp_path, training_args: dict | None = None, **yaml_keys):
     """Validate a YAML with Axolotl's load_cfg, pass the plugin's training args as Axolotl's
-    builder does, and build the trainer."""
+    builder does (with ``training_args`` for the rest), and build the trainer."""
     from axolotl.integrations.base import PluginManager
 
     cfg = load_config(dskd_config(assets, tmp_path, **yaml_keys), tmp_path)
@@ -49,7 +49,9 @@ def _trainer_from_yaml(assets, tmp_path, **yaml_keys):
     student = AutoModelForCausalLM.from_pretrained(cfg.base_model)
     teacher = load_teacher(cfg.dskd_teacher, device=torch.device("cpu"), dtype=torch.float32)
     projectors = Projectors(64, 128, cross_tokenizer=cfg.dskd_cross_tokenizer)
-    return dskd_trainer(student, teacher, projectors, output_dir=str(tmp_path / "out"), **plugin_args)
+    return dskd_trainer(
+        student, teacher, projectors, output_dir=str(tmp_path / "out"), **plugin_args, **(training_args or {})
+    )
 
 
 def test_every_dskd_key_reaches_the_trainer_and_its_loss(assets, tmp_path):
@@ -64,7 +66,20 @@ def test_every_dskd_key_reaches_the_trainer_and_its_loss(assets, tmp_path):
     optimizer = trainer.create_optimizer()
     projector_ids = {id(p) for p in trainer.projectors.parameters()}
     groups = [g for g in optimizer.param_groups if projector_ids & {id(p) for p in g["params"]}]
-    assert [g["lr"] for g in groups] == [0.02]
+    assert [g["lr"] for g in groups] == [0.02, 0.02]
+    assert sum(len(g["params"]) for g in groups) == len(projector_ids)
+
+
+def test_projector_biases_are_not_decayed(assets, tmp_path):
+    """The projectors' group follows HF's rule for the model: weights decay, biases do not."""
+    trainer = _trainer_from_yaml(assets, tmp_path, {"weight_decay": 0.1}, student="student_sp")
+    decay_of = {
+        id(p): group["weight_decay"]
+        for group in trainer.create_optimizer().param_groups
+        for p in group["params"]
+    }
+    for name, p in trainer.projectors.named_parameters():
+        assert decay_of[id(p)] == (0.0 if name.endswith("bias") else 0.1), name
 
 
 def test_defaults_reach_the_loss_unchanged(assets, tmp_path):
@@ -122,3 +137,34 @@ def test_loss_config_fields_carry_docs_and_bounds():
         DSKDArgs.model_fields["dskd_kd_rate"].description
         == dataclasses.fields(DSKDLossConfig)[0].metadata["doc"]
     )
+
+
+def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
+    """One global gradient norm over the student and the projectors, as if they were one model:
+    with SGD (lr 1) and max_grad_norm 1e-3, one step moves all their parameters together by at
+    most 1e-3, the projectors included (HF's Trainer clips only the model's own parameters)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+    from dskd_devkit.task import arithmetic_rows, encode_row
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["student"])
+    rows = []
+    for row in arithmetic_rows(4, seed=5):
+        ids, labels = encode_row(tokenizer, row)
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    trainer = _trainer_from_yaml(
+        assets, tmp_path,
+        {"per_device_train_batch_size": 4, "optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant",
+         "max_grad_norm": 1e-3, "weight_decay": 0.0},
+        dskd_projector_lr=1.0,
+    )  # fmt: skip
+    trainer.train_dataset = Dataset.from_list(rows)
+    trainer.data_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    params = {f"student.{n}": p for n, p in trainer.model.named_parameters()}
+    params.update({f"projectors.{n}": p for n, p in trainer.projectors.named_parameters()})
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer.train()
+    step = {n: (p.detach() - before[n]).norm() for n, p in params.items()}
+    assert torch.stack(list(step.values())).norm() <= 1e-3 * (1 + 1e-4)
+    assert all(step[n] > 0 for n in step if n.startswith("projectors."))
