@@ -123,7 +123,7 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
             return optimizer
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if any(id(p) in known for p in self.projectors.parameters()):
-            return optimizer  # created once; HF asks again on resume
+            return optimizer  # asked again: HF returns the optimizer it already made
         decayed = set(self.get_decay_parameter_names(self.projectors))
         for decay in (True, False):  # biases are not decayed, as in HF's groups of the model
             params = [p for name, p in self.projectors.named_parameters() if (name in decayed) == decay]
