@@ -45,7 +45,7 @@ PAPER_SEEDS: tuple[int, ...] = (10, 20, 30, 40, 50)
 
 # Axolotl's AlpacaPrompter (prompt_style "instruct", what `type: alpaca` uses): system text, a
 # blank line, then the turn. The no-input variant has its own system text and no Input block.
-# Kept byte-identical to axolotl/prompters.py (checked by tests/test_evaluate.py).
+# Kept byte-identical to axolotl/prompters.py (checked by tests/unit/test_evaluate.py).
 ALPACA_SYSTEM = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request."
