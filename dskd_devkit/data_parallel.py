@@ -1,6 +1,6 @@
 """DSKDTrainer under data parallelism on the CPU: scenarios for ``torchrun`` (gloo).
 
-``torchrun --nproc_per_node 2 -m dskd_devkit.data_parallel ASSETS_JSON OUT_DIR`` runs every
+``torchrun --standalone --nproc_per_node 2 -m dskd_devkit.data_parallel ASSETS_JSON OUT_DIR`` runs every
 scenario in one launch and writes, per rank, what the tests compare (``OUT_DIR/<scenario>/
 rank<r>.json`` and ``.safetensors``): the logged losses, the skipped micro-batch count, the
 projectors and the LoRA weights. :func:`run_scenario` also runs a scenario in one process (with

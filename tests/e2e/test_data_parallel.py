@@ -32,7 +32,7 @@ def ranks(assets, tmp_path_factory) -> Path:
     config.write_text(json.dumps({k: str(v) for k, v in assets.items()}))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "-m", "dskd_devkit.data_parallel", str(config), str(out)],
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "dskd_devkit.data_parallel", str(config), str(out)],
         env={**train_env(threads=1), "TORCHELASTIC_ERROR_FILE": str(out / "error.json")},
         capture_output=True, text=True, timeout=420, check=False,
     )  # fmt: skip
