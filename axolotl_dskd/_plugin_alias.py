@@ -1,8 +1,8 @@
 """Lets ``plugins: [axolotl_dskd]`` work as well as ``plugins: [axolotl_dskd.DSKDPlugin]``.
 
 Axolotl splits every ``plugins:`` entry at its last dot into module and class (0.21 also reads
-``module:Class``), so the bare package name fails inside Axolotl before any of our code runs. The wheel installs
-``axolotl_dskd_alias.pth``, which runs :func:`install` at interpreter start-up. That adds one
+``module:Class``), so the bare package name fails inside Axolotl before any of our code runs.
+The wheel installs ``axolotl_dskd_alias.pth``, which runs :func:`install` at interpreter start-up. That adds one
 import hook, which waits for ``axolotl.integrations.base`` to be imported and then wraps its
 ``load_plugin`` to read exactly the name ``axolotl_dskd`` as ``axolotl_dskd.DSKDPlugin``;
 every other name passes through untouched. Nothing else is imported at start-up.

@@ -221,10 +221,9 @@ class _Side:
     def index_embeddings(self) -> tuple[Tensor, Tensor]:
         """Embeddings of the inputs and of the targets, id 0 where the target is untrained."""
         zero = torch.zeros((), dtype=torch.long, device=self.x.device)
+        x_ids, y_ids = torch.where(self.m, self.x, zero), torch.where(self.m, self.y, zero)
         e = self.embeddings.detach()
-        return F.embedding(torch.where(self.m, self.x, zero), e), F.embedding(
-            torch.where(self.m, self.y, zero), e
-        )
+        return F.embedding(x_ids, e), F.embedding(y_ids, e)
 
 
 def _cross_model_attention(proj: Projectors, s: _Side, t: _Side) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -278,8 +277,8 @@ def dskd_loss(
         proj: The trained projectors (``Projectors(d_s, d_t, cross_tokenizer=...)``).
         student_hidden: ``[B, L_s, d_s]`` final hidden states of the student (with grad).
         student_lm_head: ``[V_s, d_s]`` the student's LM-head weight (grad if it trains).
-        student_labels: ``[B, L_s]`` student token ids shifted by the trainer's convention
-            (``labels[:, i]`` is the token at ``i``), ``-100`` where untrained.
+        student_labels: ``[B, L_s]`` the token at each position (Hugging Face's convention,
+            unshifted: position ``i`` predicts ``labels[:, i + 1]``), ``-100`` where untrained.
         teacher_hidden: ``[B, L_t, d_t]`` final hidden states of the frozen teacher
             (``L_t == L_s`` with one vocabulary).
         teacher_lm_head: ``[V_t, d_t]`` the teacher's LM-head weight (never trained).

@@ -245,8 +245,9 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         """Stop, naming the term and the step, or skip this micro-batch (``dskd_on_nonfinite``)."""
         terms = ("ce", "kd_student", "t2s_ce", "kd_teacher")
         bad = [name for name in terms if not math.isfinite(float(out.metrics[name]))]
-        here = ", ".join(bad) or ("the total" if not torch.isfinite(out.loss) else "")
-        where = f"{here or 'a term on another process'} at step {self.state.global_step + 1}"
+        if not bad:  # the total only, or this micro-batch is finite and another process's is not
+            bad = ["the total" if not torch.isfinite(out.loss) else "a term on another process"]
+        where = f"{', '.join(bad)} at step {self.state.global_step + 1}"
         if self.args.dskd_on_nonfinite == "stop":
             raise FloatingPointError(
                 f"DSKD: non-finite {where}. Common causes: fp16 overflow in the models, a diverging "

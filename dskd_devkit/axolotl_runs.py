@@ -198,7 +198,10 @@ def bind_plugin_training_args() -> None:
     """Axolotl adds a plugin's training-args fields (``dskd_*``) to its training arguments once,
     when ``axolotl.core.training_args`` is first imported, as ``axolotl.cli.train`` does after
     loading the config. A process that builds trainers directly registers the plugin and imports
-    that module first (call this before anything else imports it)."""
+    that module first (call this before anything else imports it); once it is imported, the
+    fields are bound for good and there is nothing left to do."""
+    if "axolotl.core.training_args" in sys.modules:
+        return
     from axolotl.integrations.base import PluginManager
 
     manager = PluginManager.get_instance()
