@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,11 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24
 """Default logit block per chunk: 16M entries (64 MiB in float32) for the largest vocabulary."""
 MASKED_SCORE = -1e5
-METRIC_NAMES = ("ce", "kd_student", "kd_teacher", "t2s_ce", "t2s_acc")
+METRIC_NAMES = ("ce", "kd_student", "kd_teacher", "t2s_ce", "t2s_acc", "aligned_frac")
+RATIO_METRICS = ("t2s_acc", "aligned_frac")
+"""Metrics that are shares of this micro-batch's trained tokens, not sums over ``N``."""
+TOKEN_ALIGNMENTS = ("cma", "exact", "exact+cma")
+TokenAlignment = Literal["cma", "exact", "exact+cma"]
 
 
 def _setting(default: Any, doc: str, **bounds: Any) -> Any:
@@ -63,19 +67,25 @@ class DSKDLossConfig:
     )
     skew_lambda: float = _setting(0.1, "Mixing weight of the skew divergences.", gt=0.0, lt=1.0)
     akl_alpha: float = _setting(0.5, "Head/tail split of adaptive_kl.", ge=0.0, le=1.0)
-    cross_tokenizer: bool = _setting(False, "Cross-model attention between two tokenizations.")
+    cross_tokenizer: bool = _setting(False, "Two tokenizations: the teacher reads its own tokens.")
+    token_alignment: TokenAlignment = _setting(
+        "cma",
+        "Cross-tokenizer pairing of student and teacher positions: cma (cross-model attention), "
+        "exact (positions where both have read the same text, the rest CE only), exact+cma.",
+    )
     chunk_size: int | None = _setting(
         None, "Trained tokens per vocabulary chunk; default max(16, 2**24 // vocabulary).", ge=1
     )
     compile: bool = _setting(False, "torch.compile the per-chunk function (CUDA).")
 
     def __post_init__(self) -> None:
-        for name in ("divergence", "teacher_space_divergence"):
-            if getattr(self, name) not in DIVERGENCES:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r} is not a divergence; "
-                    f"choose one of {', '.join(DIVERGENCES)}"
-                )
+        for name, choices in (
+            ("divergence", DIVERGENCES),
+            ("teacher_space_divergence", DIVERGENCES),
+            ("token_alignment", TOKEN_ALIGNMENTS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None or isinstance(value, (bool, str)):
@@ -89,6 +99,15 @@ class DSKDLossConfig:
 
     def tokens_per_chunk(self, vocab_size: int) -> int:
         return self.chunk_size or max(16, CHUNK_ELEMENTS // vocab_size)
+
+    @property
+    def uses_cma(self) -> bool:
+        """Whether some student positions are paired with the teacher's by attention."""
+        return self.cross_tokenizer and self.token_alignment != "exact"
+
+    @property
+    def uses_exact_pairs(self) -> bool:
+        return self.cross_tokenizer and self.token_alignment != "cma"
 
 
 class Projectors(nn.Module):
@@ -133,12 +152,16 @@ def _student_space_chunk(
     t2s_hidden: Tensor,
     targets: Tensor,
     t2s_valid: Tensor,
+    by_attention: Tensor,
     lm_head: Tensor,
     *,
     config: DSKDLossConfig,
 ) -> tuple[Tensor, Tensor]:
     """CE, t2s_ce and kd_student over a chunk of trained student tokens.
 
+    ``by_attention`` marks the tokens whose projected teacher comes from cross-model attention:
+    there kd_student counts only where that projected teacher predicts the label (the paper's
+    accuracy mask); a teacher state paired position by position is distilled everywhere.
     Stats: ``[ce, t2s_ce, kd_student, t2s_correct]`` sums.
     """
     divergence = get_divergence(config.divergence, config.skew_lambda, config.akl_alpha)
@@ -147,7 +170,7 @@ def _student_space_chunk(
     ce = F.cross_entropy(z_s, targets, reduction="none")
     t2s_ce = torch.where(t2s_valid, F.cross_entropy(z_t2s, targets, reduction="none"), 0.0)
     correct = t2s_valid & (z_t2s.detach().argmax(-1) == targets)
-    kd_mask = correct if config.cross_tokenizer else t2s_valid
+    kd_mask = torch.where(by_attention, correct, t2s_valid)
     log_q = F.log_softmax(z_s / config.temperature, dim=-1)
     log_p = F.log_softmax(z_t2s.detach() / config.temperature, dim=-1)
     kd = torch.where(kd_mask, divergence(log_q, log_p), 0.0)
@@ -250,6 +273,115 @@ def _cross_model_attention(proj: Projectors, s: _Side, t: _Side) -> tuple[Tensor
     return t2s_hidden, s2t_hidden, pairs.any(-1), pairs.any(-2)
 
 
+@dataclass(frozen=True)
+class _Pairs:
+    """What the two chunked sums read: per trained student token (student space) and per
+    teacher-space token, the inputs of :func:`_student_space_chunk` and
+    :func:`_teacher_space_chunk`, plus the share of trained student tokens with an exact partner."""
+
+    t2s: Tensor
+    t2s_valid: Tensor
+    by_attention: Tensor
+    s2t: Tensor
+    teacher: Tensor
+    teacher_valid: Tensor
+    aligned_frac: Tensor
+
+
+def _partners(teacher_hidden: Tensor, token_alignment: Tensor, m_s: Tensor) -> tuple[Tensor, Tensor]:
+    """For each student position ``0..L-2``: the teacher's hidden state at its exact partner
+    ``token_alignment[b, i]`` (``[B, L-1, d_t]``), and which trained positions have one."""
+    partner = token_alignment[:, :-1]
+    rows = torch.arange(partner.shape[0], device=partner.device)[:, None]
+    return teacher_hidden[rows, partner.clamp_min(0)], m_s & (partner >= 0)
+
+
+def _same_vocabulary_pairs(proj: Projectors, h_s: Tensor, h_t: Tensor, m_s: Tensor) -> _Pairs:
+    """Every trained student position with the teacher's state at the same position."""
+    if h_t.shape[:2] != h_s.shape[:2]:
+        raise ValueError(
+            f"same-vocabulary DSKD needs teacher and student hidden states over the same tokens, "
+            f"got {tuple(h_t.shape)} and {tuple(h_s.shape)} (after the shift)"
+        )
+    teacher = h_t[m_s]
+    ones = torch.ones_like(m_s[m_s])
+    return _Pairs(
+        t2s=_project(proj.t2s, teacher),
+        t2s_valid=ones,
+        by_attention=~ones,
+        s2t=_project(proj.s2t, h_s[m_s]),
+        teacher=teacher,
+        teacher_valid=ones,
+        aligned_frac=torch.ones((), device=h_s.device),
+    )
+
+
+def _cross_tokenizer_pairs(
+    proj: Projectors,
+    config: DSKDLossConfig,
+    h_s: Tensor,
+    m_s: Tensor,
+    teacher_hidden: Tensor,
+    token_alignment: Tensor | None,
+    sides: Callable[[], tuple[_Side, _Side]],
+) -> _Pairs:
+    """Exact partners where ``config.token_alignment`` uses them (same-vocabulary DSKD on those
+    pairs), cross-model attention for the other trained tokens of both sides where it is used.
+
+    With ``exact`` an unpaired student token gets CE only; with ``exact+cma`` it and every
+    trained teacher token that is no student token's partner go through attention.
+    """
+    if token_alignment is None:
+        aligned_frac = torch.zeros((), device=h_s.device)
+        paired_teacher, aligned = None, torch.zeros_like(m_s)
+    else:
+        paired_teacher, aligned = _partners(teacher_hidden, token_alignment, m_s)
+        aligned_frac = aligned.sum() / m_s.sum().clamp_min(1)
+    if config.uses_exact_pairs and paired_teacher is None:
+        raise ValueError(f"token_alignment={config.token_alignment!r} needs the token_alignment tensor")
+
+    exact = aligned if config.uses_exact_pairs else torch.zeros_like(aligned)
+    exact_rows = exact[m_s]
+    t2s, t2s_valid = None, exact_rows
+    s2t, teacher, teacher_valid = [], [], []  # exact pairs first, then attention's columns
+    if config.uses_exact_pairs:
+        t2s = _project(proj.t2s, paired_teacher[m_s])
+        s2t.append(_project(proj.s2t, h_s[exact]))
+        teacher.append(paired_teacher[exact])
+        teacher_valid.append(torch.ones_like(exact[exact]))
+    if config.uses_cma:
+        student, teacher_side = sides()
+        t2s_cma, s2t_cma, row_valid, col_valid = _cross_model_attention(proj, student, teacher_side)
+        t2s_cma = t2s_cma[m_s]
+        t2s = t2s_cma if t2s is None else torch.where(exact_rows[:, None], t2s, t2s_cma)
+        t2s_valid = exact_rows | row_valid[m_s]
+        # a teacher token already distilled through its exact partner is left out of attention's
+        columns = teacher_side.m & ~_partnered_columns(token_alignment, exact, teacher_side.m)
+        s2t.append(s2t_cma[columns])
+        teacher.append(teacher_side.h[columns])
+        teacher_valid.append(col_valid[columns])
+    return _Pairs(
+        t2s=t2s,
+        t2s_valid=t2s_valid,
+        by_attention=~exact_rows,
+        s2t=torch.cat(s2t),
+        teacher=torch.cat(teacher),
+        teacher_valid=torch.cat(teacher_valid),
+        aligned_frac=aligned_frac,
+    )
+
+
+def _partnered_columns(token_alignment: Tensor | None, exact: Tensor, m_t: Tensor) -> Tensor:
+    """Teacher positions ``0..L_t-2`` that are the exact partner of a distilled student token."""
+    marked = torch.zeros_like(m_t)
+    if token_alignment is not None and exact.any():
+        rows = torch.arange(exact.shape[0], device=exact.device)[:, None].expand_as(exact)
+        cols = token_alignment[:, :-1]
+        inside = exact & (cols < m_t.shape[1])
+        marked[rows[inside], cols[inside]] = True
+    return marked
+
+
 def dskd_loss(
     proj: Projectors,
     *,
@@ -263,6 +395,7 @@ def dskd_loss(
     teacher_input_ids: Tensor | None = None,
     student_embeddings: Tensor | None = None,
     teacher_embeddings: Tensor | None = None,
+    token_alignment: Tensor | None = None,
     config: DSKDLossConfig = DSKDLossConfig(),
     num_items: int | Tensor | None = None,
     student_segment_ids: Tensor | None = None,
@@ -283,11 +416,18 @@ def dskd_loss(
             (``L_t == L_s`` with one vocabulary).
         teacher_lm_head: ``[V_t, d_t]`` the teacher's LM-head weight (never trained).
         teacher_labels: ``[B, L_t]`` the teacher's labels; with one vocabulary, the student's.
-        student_input_ids: ``[B, L_s]`` cross-tokenizer only: the student's input ids.
-        teacher_input_ids: ``[B, L_t]`` cross-tokenizer only: the teacher's input ids.
-        student_embeddings: ``[V_s, d_s]`` cross-tokenizer only: the student's input embeddings.
-        teacher_embeddings: ``[V_t, d_t]`` cross-tokenizer only: the teacher's input embeddings.
-        config: Hyperparameters; ``config.cross_tokenizer`` selects cross-model attention.
+        student_input_ids: ``[B, L_s]`` cross-model attention only: the student's input ids.
+        teacher_input_ids: ``[B, L_t]`` cross-model attention only: the teacher's input ids.
+        student_embeddings: ``[V_s, d_s]`` cross-model attention only: the student's input
+            embeddings.
+        teacher_embeddings: ``[V_t, d_t]`` cross-model attention only: the teacher's.
+        token_alignment: ``[B, L_s]`` cross-tokenizer only: for student position ``i`` the
+            teacher position ``j`` whose prefix covers the same text (both have read the same
+            text, so both predict the same continuation), ``-1`` where none does. Needed by
+            ``config.token_alignment`` ``exact`` and ``exact+cma``; with ``cma`` it only feeds
+            the ``aligned_frac`` metric.
+        config: Hyperparameters; ``config.cross_tokenizer`` selects two tokenizations and
+            ``config.token_alignment`` how their positions are paired.
         num_items: The trainer's global count of trained student targets in the optimizer step
             (all micro-batches, all processes); ``None``: this micro-batch's count.
         student_segment_ids: ``[B, L_s]`` the packed sample of each position (optional), so
@@ -296,7 +436,8 @@ def dskd_loss(
 
     Returns:
         ``DSKDLossOutput``: the 0-d ``loss`` and detached ``metrics`` (``ce``, ``kd_student``,
-        ``kd_teacher``, ``t2s_ce`` over ``num_items``; ``t2s_acc`` over this batch's tokens).
+        ``kd_teacher``, ``t2s_ce`` over ``num_items``; ``t2s_acc`` and ``aligned_frac`` over
+        this batch's trained tokens).
     """
     h_s, y_s, m_s = _shift(student_hidden, student_labels)
     n_trained, denom = _token_counts(m_s, num_items)
@@ -304,41 +445,34 @@ def dskd_loss(
     teacher_lm_head = teacher_lm_head.detach()
 
     if config.cross_tokenizer:
-        if teacher_labels is None or student_input_ids is None or teacher_input_ids is None:
-            raise ValueError("cross-tokenizer DSKD needs teacher_labels and both input_ids")
-        if student_embeddings is None or teacher_embeddings is None:
-            raise ValueError("cross-tokenizer DSKD needs student_embeddings and teacher_embeddings")
-        h_t, y_t, m_t = _shift(teacher_hidden, teacher_labels)
-        student = _Side(
-            h_s, y_s, m_s, student_input_ids[:, :-1], student_embeddings, _shifted(student_segment_ids)
-        )
-        teacher = _Side(
-            h_t, y_t, m_t, teacher_input_ids[:, :-1], teacher_embeddings, _shifted(teacher_segment_ids)
-        )
-        t2s_hidden, s2t_hidden, row_valid, col_valid = _cross_model_attention(proj, student, teacher)
-        t2s_tokens, t2s_valid = t2s_hidden[m_s], row_valid[m_s]
-        s2t_tokens, teacher_tokens, tea_valid = s2t_hidden[m_t], h_t[m_t], col_valid[m_t]
-    else:
-        h_t = teacher_hidden[:, :-1]
-        if h_t.shape[:2] != h_s.shape[:2]:
-            raise ValueError(
-                f"same-vocabulary DSKD needs teacher and student hidden states over the same "
-                f"tokens, got {tuple(teacher_hidden.shape)} and {tuple(student_hidden.shape)}"
+        if teacher_labels is None:
+            raise ValueError("cross-tokenizer DSKD needs teacher_labels")
+
+        def sides() -> tuple[_Side, _Side]:
+            if student_input_ids is None or teacher_input_ids is None:
+                raise ValueError("cross-model attention needs student_input_ids and teacher_input_ids")
+            if student_embeddings is None or teacher_embeddings is None:
+                raise ValueError("cross-model attention needs student_embeddings and teacher_embeddings")
+            h_t, y_t, m_t = _shift(teacher_hidden, teacher_labels)
+            s_seg, t_seg = _shifted(student_segment_ids), _shifted(teacher_segment_ids)
+            return (
+                _Side(h_s, y_s, m_s, student_input_ids[:, :-1], student_embeddings, s_seg),
+                _Side(h_t, y_t, m_t, teacher_input_ids[:, :-1], teacher_embeddings, t_seg),
             )
-        teacher_tokens = h_t[m_s]
-        t2s_tokens = _project(proj.t2s, teacher_tokens)
-        s2t_tokens = _project(proj.s2t, h_s[m_s])
-        t2s_valid = tea_valid = torch.ones_like(m_s[m_s])
+
+        pairs = _cross_tokenizer_pairs(proj, config, h_s, m_s, teacher_hidden, token_alignment, sides)
+    else:
+        pairs = _same_vocabulary_pairs(proj, h_s, teacher_hidden[:, :-1], m_s)
 
     student_side, stats_s = chunked_token_sum(
         _maybe_compile(partial(_student_space_chunk, config=config), config),
-        (h_s[m_s], t2s_tokens, y_s[m_s], t2s_valid),
+        (h_s[m_s], pairs.t2s, y_s[m_s], pairs.t2s_valid, pairs.by_attention),
         (student_lm_head,),
         config.tokens_per_chunk(student_lm_head.shape[0]),
     )
     teacher_side, stats_t = chunked_token_sum(
         _maybe_compile(partial(_teacher_space_chunk, config=config), config),
-        (s2t_tokens, teacher_tokens, tea_valid),
+        (pairs.s2t, pairs.teacher, pairs.teacher_valid),
         (teacher_lm_head,),
         config.tokens_per_chunk(teacher_lm_head.shape[0]),
     )
@@ -349,6 +483,7 @@ def dskd_loss(
         "kd_teacher": stats_t[0] / denom,
         "t2s_ce": t2s_ce / denom,
         "t2s_acc": correct / n_trained.clamp_min(1).float(),
+        "aligned_frac": pairs.aligned_frac.detach().float(),
     }
     return DSKDLossOutput(loss=(student_side + teacher_side) / denom, metrics=metrics)
 
@@ -386,7 +521,8 @@ def vanilla_kd_loss(
     """The paper's vanilla KD baseline: ``(1-r) CE + r D(z_s, z_t)``, same vocabulary only.
 
     Reported under the same metric names (``kd_student`` is the KD term; no projectors, so
-    ``kd_teacher``, ``t2s_ce`` and ``t2s_acc`` are 0), for side-by-side comparisons.
+    ``kd_teacher``, ``t2s_ce`` and ``t2s_acc`` are 0, ``aligned_frac`` 1), for side-by-side
+    comparisons.
 
     Args:
         student_hidden: ``[B, L, d_s]`` final hidden states of the student (with grad).
@@ -412,5 +548,5 @@ def vanilla_kd_loss(
     )
     zero = torch.zeros((), device=h_s.device)
     metrics = {"ce": ce / denom, "kd_student": kd / denom}
-    metrics.update(kd_teacher=zero, t2s_ce=zero, t2s_acc=zero)
+    metrics.update(kd_teacher=zero, t2s_ce=zero, t2s_acc=zero, aligned_frac=torch.ones_like(zero))
     return DSKDLossOutput(loss=loss / denom, metrics=metrics)

@@ -52,6 +52,7 @@ _DEFAULTS = {
     "skew_lambda": 0.1,
     "akl_alpha": 0.5,
     "cross_tokenizer": False,
+    "token_alignment": "cma",
 }
 F64 = torch.float64
 
@@ -169,6 +170,7 @@ def reference_dskd_loss(
     teacher_input_ids: Tensor | None = None,
     student_embeddings: Tensor | None = None,
     teacher_embeddings: Tensor | None = None,
+    token_alignment: Tensor | None = None,
     config: Any = None,
     num_items: int | Tensor | None = None,
     student_segment_ids: Tensor | None = None,
@@ -177,7 +179,14 @@ def reference_dskd_loss(
     """The DSKD loss of one micro-batch, exactly as the spec writes it, in float64.
 
     Returns ``(loss, metrics)`` with metrics ``ce``, ``kd_student``, ``kd_teacher``, ``t2s_ce``,
-    ``t2s_acc`` (float64 tensors; the KD terms are the un-weighted token means).
+    ``t2s_acc``, ``aligned_frac`` (float64 tensors; the KD terms are the un-weighted token means).
+
+    Cross-tokenizer pairing (``config.token_alignment``): ``cma`` attends over every trained
+    pair; ``exact`` takes, for each trained student position ``i`` with a partner
+    ``j = token_alignment[b, i] >= 0``, the same-vocabulary terms between the student state at
+    ``i`` and the teacher state at ``j`` (no accuracy mask), and CE alone elsewhere;
+    ``exact+cma`` does the same on the partnered positions and attention for the trained
+    student rows without a partner and the trained teacher columns that are no partner.
     """
     cfg = _config(config)
     T = float(cfg.temperature)
@@ -201,6 +210,7 @@ def reference_dskd_loss(
     W_t = teacher_lm_head.detach().to(F64)
 
     n_trained = m_s.sum()
+    aligned_frac = torch.ones((), dtype=F64) if not cfg.cross_tokenizer else torch.zeros((), dtype=F64)
     N = n_trained.to(F64) if num_items is None else torch.as_tensor(num_items, dtype=F64)
     N = N.clamp_min(1.0)
 
@@ -220,12 +230,40 @@ def reference_dskd_loss(
         kd_tea = div(cfg.teacher_space_divergence, z_s2t[m_s], z_t[m_s]).sum() / N
         correct = m_s & (z_t2s.argmax(-1) == y_s)
     else:
-        # ---------------- different vocabularies: cross-model attention ----------------
-        if teacher_labels is None or student_input_ids is None or teacher_input_ids is None:
-            raise ValueError("CMA needs teacher_labels and both input_ids")
+        # ---------------- different vocabularies ----------------
+        mode = cfg.token_alignment
+        y_t, m_t = _shift(teacher_labels)
+        zero = torch.zeros((), dtype=F64)
+        exact = torch.zeros_like(m_s)  # trained student positions distilled from their partner
+        partnered = torch.zeros_like(m_t)  # teacher positions that are such a partner
+        t2s_ce = kd_stu = kd_tea = zero
+        correct = torch.zeros_like(m_s)
+        if token_alignment is not None:
+            partner = token_alignment[:, :-1]
+            aligned_frac = (m_s & (partner >= 0)).sum().to(F64) / n_trained.to(F64).clamp_min(1.0)
+        if mode != "cma":
+            if token_alignment is None:
+                raise ValueError(f"token_alignment={mode!r} needs the token_alignment tensor")
+            exact = m_s & (partner >= 0)
+            H_t = teacher_hidden.detach().to(F64)
+            for b, i in exact.nonzero().tolist():
+                j = int(partner[b, i])
+                if j < m_t.shape[1]:
+                    partnered[b, j] = True
+                h_j = H_t[b, j]
+                z_t2s_bi = _linear64(proj.t2s, h_j) @ W_s_sg.T
+                t2s_ce = t2s_ce + _ce(z_t2s_bi[None], y_s[b, i][None]).sum() / N
+                kd_stu = kd_stu + div(cfg.divergence, z_s[b, i][None], z_t2s_bi[None].detach()).sum() / N
+                z_s2t_bi = _linear64(proj.s2t, h_s[b, i]) @ W_t.T
+                z_t_j = h_j @ W_t.T
+                kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t_bi[None], z_t_j[None]).sum() / N
+                correct[b, i] = bool(z_t2s_bi.argmax() == y_s[b, i])
+    if cfg.cross_tokenizer and mode != "exact":
+        # ---------------- cross-model attention ----------------
+        if student_input_ids is None or teacher_input_ids is None:
+            raise ValueError("CMA needs both input_ids")
         if student_embeddings is None or teacher_embeddings is None:
             raise ValueError("CMA needs both embedding matrices")
-        y_t, m_t = _shift(teacher_labels)
         x_s = student_input_ids[:, :-1]
         x_t = teacher_input_ids[:, :-1]
         E_s = student_embeddings.detach().to(F64)
@@ -262,16 +300,17 @@ def reference_dskd_loss(
         # 5. teacher -> student
         A = torch.softmax(S, dim=-1)
         z_t2s = (A @ V_t) @ W_s_sg.T  # [B, n, V_s]
-        rows = m_s & row_ok
-        t2s_ce = _ce(z_t2s[rows], y_s[rows]).sum() / N
-        correct = rows & (z_t2s.argmax(-1) == y_s)
-        kd_stu = div(cfg.divergence, z_s[correct], z_t2s[correct].detach()).sum() / N
+        rows = m_s & row_ok & ~exact
+        t2s_ce = t2s_ce + _ce(z_t2s[rows], y_s[rows]).sum() / N
+        correct_cma = rows & (z_t2s.argmax(-1) == y_s)
+        kd_stu = kd_stu + div(cfg.divergence, z_s[correct_cma], z_t2s[correct_cma].detach()).sum() / N
+        correct = correct | correct_cma
 
         # 6. student -> teacher (same scores, normalised over student positions)
         A_prime = torch.softmax(S.transpose(-1, -2), dim=-1)  # [B, m, n]
         z_s2t = (A_prime @ V_s) @ W_t.T  # [B, m, V_t]
-        cols = m_t & col_ok
-        kd_tea = div(cfg.teacher_space_divergence, z_s2t[cols], z_t[cols]).sum() / N
+        cols = m_t & col_ok & ~partnered
+        kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t[cols], z_t[cols]).sum() / N
 
     r = float(cfg.kd_rate)
     loss = (1.0 - r) * ce + r * (kd_stu + t2s_ce + kd_tea)
@@ -282,5 +321,6 @@ def reference_dskd_loss(
         "kd_teacher": kd_tea,
         "t2s_ce": t2s_ce,
         "t2s_acc": t2s_acc,
+        "aligned_frac": aligned_frac,
     }
     return loss, metrics

