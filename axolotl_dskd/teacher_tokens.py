@@ -36,6 +36,14 @@ Teacher labels mirror the student's marking exactly: as on the student side, a t
 token of a packed sample is a target of the previous sample's last position, which the loss must
 mask with the segment ids if the data has such samples.
 
+Exact alignment: a student position and a teacher position are partners when the tokens up to
+and including them cover the same text, so that both hidden states have read the same prefix and
+predict the same continuation. Each side's token ends are measured as byte offsets inside a
+shared text run (from the bytes each vocabulary entry stands for, :mod:`axolotl_dskd.vocabulary`)
+and matched; the tokens of a run whose bytes do not spell its text, the student's BOS and
+padding, and the teacher's own BOS get no partner. The offsets are taken within each piece of text both sides share, today
+the runs of one sample, so the rule carries over to two renderings that share only some pieces.
+
 Framework-free: torch and a Hugging Face tokenizer only, picklable for DataLoader workers.
 """
 
@@ -49,6 +57,7 @@ from typing import Any
 import torch
 
 from axolotl_dskd.loss import IGNORE_INDEX
+from axolotl_dskd.vocabulary import token_bytes
 
 __all__ = [
     "RoundTripStats",
@@ -79,6 +88,9 @@ class RoundTripStats:
     truncated_samples: int = 0
     samples_without_trained: int = 0
     moved_boundaries: int = 0
+    trained_tokens: int = 0
+    """Trained student tokens, and of those, the ones with an exact teacher partner."""
+    aligned_tokens: int = 0
     examples: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
@@ -97,6 +109,27 @@ class RoundTripStats:
         for name in self.as_dict():
             setattr(self, name, 0)
         self.examples = []
+
+
+@dataclass
+class _Sample:
+    """One sample's teacher tokens and labels, and for each kept student token the index of its
+    exact teacher partner (``-1``: none)."""
+
+    ids: list[int]
+    labels: list[int]
+    partners: list[int]
+
+
+@dataclass
+class _Row:
+    """One batch row on the teacher's side, and each student position's partner in it."""
+
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+    alignment: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +213,8 @@ class TeacherTokenBuilder:
         self._t_eos = teacher_tokenizer.eos_token_id
         pad = teacher_tokenizer.pad_token_id
         self.teacher_pad_id: int = pad if pad is not None else (self._t_eos if self._t_eos is not None else 0)
+        self._s_bytes = token_bytes(student_tokenizer)
+        self._t_bytes = token_bytes(teacher_tokenizer)
         self._s_fast = _is_plain_fast(student_tokenizer)
         self._t_fast = _is_plain_fast(teacher_tokenizer)
         self._s_ctx = list(student_tokenizer.encode("a", add_special_tokens=False))
@@ -234,13 +269,13 @@ class TeacherTokenBuilder:
     def sample(self, input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int]]:
         """Teacher ids and teacher labels (-100 untrained) for one unpacked sample without
         padding, truncated to ``max_length`` as in a batch."""
-        ids, labs, _, _ = self._row(list(input_ids), list(labels), [0] * len(input_ids))
-        return ids, labs
+        row = self._row(list(input_ids), list(labels), [0] * len(input_ids))
+        return row.ids, row.labels
 
-    def _sample(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """Teacher ids and labels of one sample, not truncated."""
+    def _sample(self, ids: list[int], labels: list[int]) -> _Sample:
+        """Teacher ids, labels and each student token's partner, of one sample, not truncated."""
         self.stats.samples += 1
-        kept, pieces = self._pieces(ids, labels)
+        kept, pieces, kept_at = self._pieces(ids, labels)
         self._fix_boundaries(kept, pieces)
         self._fill_texts(kept, pieces)
 
@@ -257,11 +292,19 @@ class TeacherTokenBuilder:
             t_labels.extend(new if piece.trained else [IGNORE_INDEX] * len(new))
         if self.check_round_trip:
             self._check(pieces, spans, t_ids)
-        return t_ids, t_labels
+        partners = [-1] * len(ids)
+        for k, j in enumerate(self._partners(kept, pieces, spans, t_ids)):
+            partners[kept_at[k]] = j
+        trained = [i for i in range(len(ids) - 1) if labels[i + 1] != IGNORE_INDEX]
+        self.stats.trained_tokens += len(trained)
+        self.stats.aligned_tokens += sum(partners[i] >= 0 for i in trained)
+        return _Sample(t_ids, t_labels, partners)
 
-    def _pieces(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[_Piece]]:
-        """Drop BOS / pad, make EOS its own piece, and group the rest into maximal runs."""
+    def _pieces(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[_Piece], list[int]]:
+        """Drop BOS / pad, make EOS its own piece, and group the rest into maximal runs. Also
+        returns where each kept token is in ``ids``."""
         kept: list[int] = []
+        kept_at: list[int] = []
         pieces: list[_Piece] = []
         for i, (tid, lab) in enumerate(zip(ids, labels)):
             trained = lab != IGNORE_INDEX
@@ -275,12 +318,13 @@ class TeacherTokenBuilder:
                 kind = _TEXT
             n = len(kept)
             kept.append(tid)
+            kept_at.append(i)
             last = pieces[-1] if pieces else None
             if kind == _TEXT and last is not None and last.kind == _TEXT and last.trained == trained:
                 last.end = n + 1
             else:
                 pieces.append(_Piece(kind, n, n + 1, trained))
-        return kept, pieces
+        return kept, pieces, kept_at
 
     def _fix_boundaries(self, kept: list[int], pieces: list[_Piece]) -> None:
         """Move each boundary between two text runs off the inside of a multi-byte character."""
@@ -381,6 +425,42 @@ class TeacherTokenBuilder:
             fallback = fallback if fallback is not None else rest
         return fallback if fallback is not None else self._t_encode(text)
 
+    def _partners(
+        self, kept: list[int], pieces: list[_Piece], spans: list[tuple[int, int]], t_ids: list[int]
+    ) -> list[int]:
+        """For each kept student token, the teacher token that ends at the same character of the
+        same text run (an EOS with the teacher's EOS), or -1."""
+        partners = [-1] * len(kept)
+        for piece, (start, end) in zip(pieces, spans):
+            if piece.kind == _EOS:
+                if end > start:
+                    partners[piece.start] = start
+                continue
+            s_ends = self._token_ends(self._s_bytes, kept[piece.start : piece.end], piece.text)
+            t_ends = self._token_ends(self._t_bytes, t_ids[start:end], piece.text)
+            at_end = {offset: j for j, offset in zip(range(start, end), t_ends) if offset is not None}
+            for k, offset in zip(range(piece.start, piece.end), s_ends):
+                partners[k] = at_end.get(offset, -1)
+        return partners
+
+    @staticmethod
+    def _token_ends(table: dict[int, bytes] | None, ids: list[int], text: str) -> list[int | None]:
+        """Where in ``text`` (a UTF-8 byte offset) each token of a run ends; all ``None`` when the
+        tokens' bytes do not spell ``text``. Byte offsets, so that tokens ending inside a
+        character (byte fallback, byte-level pieces) align too."""
+        pieces = [table.get(i) for i in ids] if table is not None else [None]
+        want = text.encode()
+        got = b"".join(p for p in pieces if p is not None)
+        if None in pieces or got not in (want, b" " + want):
+            return [None] * len(ids)
+        # a sentencepiece decoder drops the space its first token starts with: so did ``text``
+        offset = len(want) - len(got)
+        ends: list[int | None] = []
+        for piece in pieces:
+            offset += len(piece)
+            ends.append(max(offset, 0))
+        return ends
+
     def _check(self, pieces: list[_Piece], spans: list[tuple[int, int]], t_ids: list[int]) -> None:
         """Compare each run's student text with the teacher's decode of its tokens, in context."""
         base = context = len(self._t_prefix)
@@ -410,7 +490,8 @@ class TeacherTokenBuilder:
             ``teacher_labels`` and ``teacher_position_ids`` ``[B, L_t]`` (right-padded to the
             longest row, or to a multiple of ``pad_to_multiple_of``), ``student_segment_ids``
             ``[B, L]`` and ``teacher_segment_ids`` ``[B, L_t]`` (the packed sample of each
-            position, -1 on padding).
+            position, -1 on padding), ``token_alignment`` ``[B, L]`` (each student position's
+            exact teacher partner in its row, -1 where none; see the module docstring).
         """
         input_ids = torch.as_tensor(batch["input_ids"])
         device = input_ids.device
@@ -422,24 +503,24 @@ class TeacherTokenBuilder:
         pos_rows = torch.as_tensor(pos).tolist() if pos is not None else [None] * len(ids_rows)
 
         student_segments: list[list[int]] = []
-        rows: list[tuple[list[int], list[int], list[int], list[int]]] = []
+        rows: list[_Row] = []
         for ids, labels, mask_row, pos_row in zip(ids_rows, label_rows, mask_rows, pos_rows):
             segments = sample_segments(mask_row, pos_row)
             student_segments.append(segments)
             rows.append(self._row(ids, labels, segments))
 
-        width = max([len(r[0]) for r in rows] + [1])
+        width = max([len(r.ids) for r in rows] + [1])
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out_ids, out_labels, out_mask, out_pos, out_seg = [], [], [], [], []
-        for t_ids, t_labels, t_pos, t_seg in rows:
-            n_pad = width - len(t_ids)
-            next_pos = t_pos[-1] + 1 if t_pos else 0
-            out_ids.append(t_ids + [self.teacher_pad_id] * n_pad)
-            out_labels.append(t_labels + [IGNORE_INDEX] * n_pad)
-            out_mask.append([1] * len(t_ids) + [0] * n_pad)
-            out_pos.append(t_pos + [min(next_pos + k, self.max_length - 1) for k in range(n_pad)])
-            out_seg.append(t_seg + [-1] * n_pad)
+        for row in rows:
+            n_pad = width - len(row.ids)
+            next_pos = row.positions[-1] + 1 if row.positions else 0
+            out_ids.append(row.ids + [self.teacher_pad_id] * n_pad)
+            out_labels.append(row.labels + [IGNORE_INDEX] * n_pad)
+            out_mask.append([1] * len(row.ids) + [0] * n_pad)
+            out_pos.append(row.positions + [min(next_pos + k, self.max_length - 1) for k in range(n_pad)])
+            out_seg.append(row.segments + [-1] * n_pad)
 
         self._report_mismatch()
 
@@ -453,6 +534,7 @@ class TeacherTokenBuilder:
             "teacher_position_ids": tensor(out_pos),
             "student_segment_ids": tensor(student_segments),
             "teacher_segment_ids": tensor(out_seg),
+            "token_alignment": tensor([row.alignment for row in rows]),
         }
 
     def _report_mismatch(self) -> None:
@@ -468,38 +550,36 @@ class TeacherTokenBuilder:
             self.stats.mismatched_runs, self.stats.runs, student_text, teacher_text,
         )  # fmt: skip
 
-    def _row(
-        self, ids: list[int], labels: list[int], segments: list[int]
-    ) -> tuple[list[int], list[int], list[int], list[int]]:
-        """Teacher ids, labels, positions and segments of one (packed) row, truncated."""
-        samples: dict[int, tuple[list[int], list[int]]] = {}
-        for tid, lab, seg in zip(ids, labels, segments):
+    def _row(self, ids: list[int], labels: list[int], segments: list[int]) -> _Row:
+        """Teacher ids, labels, positions and segments of one (packed) row, truncated, and the
+        exact partner of each student position in it."""
+        positions: dict[int, list[int]] = {}
+        for i, seg in enumerate(segments):
             if seg >= 0:
-                sample = samples.setdefault(seg, ([], []))
-                sample[0].append(tid)
-                sample[1].append(lab)
-        t_ids: list[int] = []
-        t_labels: list[int] = []
-        t_pos: list[int] = []
-        t_seg: list[int] = []
-        for seg in sorted(samples):
-            room = max(self.max_length - len(t_ids), 0)
+                positions.setdefault(seg, []).append(i)
+        row = _Row(alignment=[-1] * len(ids))
+        for seg in sorted(positions):
+            room = max(self.max_length - len(row.ids), 0)
             if room == 0:  # nothing of it fits: skip the work
                 self.stats.samples += 1
                 self.stats.truncated_samples += 1
                 self.stats.samples_without_trained += 1
                 continue
-            s_ids, s_labels = self._sample(*samples[seg])
-            if len(s_ids) > room:
+            at = positions[seg]
+            sample = self._sample([ids[i] for i in at], [labels[i] for i in at])
+            if len(sample.ids) > room:
                 self.stats.truncated_samples += 1
-                s_ids, s_labels = s_ids[:room], s_labels[:room]
+            s_ids, s_labels = sample.ids[:room], sample.labels[:room]
             if all(lab == IGNORE_INDEX for lab in s_labels):
                 self.stats.samples_without_trained += 1
-            t_ids += s_ids
-            t_labels += s_labels
-            t_pos += range(len(s_ids))
-            t_seg += [seg] * len(s_ids)
-        return t_ids, t_labels, t_pos, t_seg
+            for i, j in zip(at, sample.partners):
+                if 0 <= j < len(s_ids):
+                    row.alignment[i] = len(row.ids) + j
+            row.ids += s_ids
+            row.labels += s_labels
+            row.positions += range(len(s_ids))
+            row.segments += [seg] * len(s_ids)
+        return row
 
 
 def special_token_differences(student_tokenizer: Any, teacher_tokenizer: Any) -> list[str]:

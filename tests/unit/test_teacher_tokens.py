@@ -542,3 +542,135 @@ def test_rust_shortcut_matches_transformers(pair, builder) -> None:
         ids, labels = random_sample(student, rng)
         assert fast.sample(ids, labels) == slow.sample(ids, labels)
     assert fast.stats.as_dict() == slow.stats.as_dict()
+
+
+# -- exact alignment ----------------------------------------------------------------------------------
+# ``token_alignment[b, i] = j``: the student's tokens up to ``i`` and the teacher's up to ``j`` cover
+# the same text. The expected partners are computed independently, by decoding every prefix of
+# both sides (a token ending inside a character decodes to U+FFFD and is left out of the check).
+
+REAL_PAIRS = ["llama2->qwen3", "qwen3->llama2", "llama3->qwen3", "llama2->llama3"]
+
+
+def prefix_texts(tok, ids: list[int], eos_text: str | None = None) -> list[str | None]:
+    """The text read up to and including each token (BOS: nothing yet), ``None`` where that
+    prefix ends inside a character. ``eos_text``: how an EOS reads instead of its own text (the
+    builder turns the student's EOS into the teacher's)."""
+    start = 1 if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else 0
+    out: list[str | None] = [None] * start
+    plain: list[int] = []
+    marks: list[int] = []  # where in the text of ``plain`` each EOS stands
+
+    def decode() -> str:
+        text = tok.decode(plain, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for at in reversed(marks):
+            text = text[:at] + eos_text + text[at:]
+        return text
+
+    for i in range(start, len(ids)):
+        if eos_text is not None and ids[i] == tok.eos_token_id:
+            marks.append(
+                len(tok.decode(plain, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+            )
+        else:
+            plain.append(ids[i])
+        text = decode()
+        out.append(None if text.endswith("\ufffd") else text)
+    return out
+
+
+def expected_partners(student, teacher, s_ids: list[int], t_ids: list[int]) -> dict[int, int]:
+    """Student position -> the last teacher position whose prefix reads the same text."""
+    by_text = {text: j for j, text in enumerate(prefix_texts(teacher, t_ids)) if text is not None}
+    s_texts = prefix_texts(student, s_ids, eos_text=teacher.eos_token)
+    return {i: by_text.get(text, -1) for i, text in enumerate(s_texts) if text is not None}
+
+
+def sample_alignment(
+    b: TeacherTokenBuilder, ids: list[int], labels: list[int]
+) -> tuple[list[int], list[int]]:
+    out = b({"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])})
+    return out["token_alignment"][0].tolist(), out["teacher_input_ids"][0].tolist()
+
+
+def check_alignment(student, teacher, b: TeacherTokenBuilder, parts: list[tuple[str, bool]]) -> float:
+    """Every partner reads the same text, every position that could have one has it, EOS pairs
+    with EOS; returns the share of trained student tokens with a partner."""
+    ids, labels = encode_parts(student, parts)
+    alignment, t_ids = sample_alignment(b, ids, labels)
+    assert len(alignment) == len(ids)
+    for i, j in expected_partners(student, teacher, ids, t_ids).items():
+        assert alignment[i] == j, (i, student.decode(ids[: i + 1]), j, alignment[i])
+    for i, tid in enumerate(ids):
+        if tid == student.eos_token_id:  # EOS pairs with the teacher's EOS
+            assert t_ids[alignment[i]] == teacher.eos_token_id
+    if ids[0] == student.bos_token_id:
+        assert alignment[0] == -1  # the student's BOS has read no text
+    trained = [i for i in range(len(ids) - 1) if labels[i + 1] != IGNORE_INDEX]
+    return sum(alignment[i] >= 0 for i in trained) / len(trained)
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_alignment_pairs_positions_that_have_read_the_same_text(pair, builder, name: str) -> None:
+    student, teacher = pair
+    check_alignment(
+        student, teacher, builder(student, teacher), [(TEXTS[name][0], False), (TEXTS[name][1], True)]
+    )
+
+
+@pytest.mark.parametrize("direction", REAL_PAIRS)
+def test_alignment_on_real_tokenizers(real_tokenizer, builder, direction: str) -> None:
+    """Llama 2 (sentencepiece, byte fallback), Llama 3 and Qwen3 (byte-level BPE): prose with
+    accents, CJK, emoji, code indentation and chat markers."""
+    student, teacher = (real_tokenizer(name) for name in direction.split("->"))
+    b = builder(student, teacher)
+    shares = [check_alignment(student, teacher, b, [(p, False), (r, True)]) for p, r in TEXTS.values()]
+    code = [("def add(a, b):\n", False), ("    return a + b\n\n\tif x:\n\t\tpass", True)]
+    shares.append(check_alignment(student, teacher, b, code))
+    shares.append(check_alignment(student, teacher, b, [(text, trained) for text, trained in CHAT]))
+    assert b.stats.mismatched_runs == 0
+    assert min(shares) > 0.3 and sum(shares) / len(shares) > 0.6, shares
+
+
+@pytest.mark.parametrize("which", ["bpe", "sp", "llama2", "qwen3"])
+def test_identical_tokenizers_align_every_position_with_itself(
+    request, real_tokenizer, builder, which
+) -> None:
+    tok = request.getfixturevalue(which) if which in ("bpe", "sp") else real_tokenizer(which)
+    b = builder(tok, tok)
+    for prompt, response in [*TEXTS.values(), ("def f():\n", "    return {'a': 1}\n")]:
+        ids, labels = encode_parts(tok, [(prompt, False), (response, True)])
+        alignment, t_ids = sample_alignment(b, ids, labels)
+        assert t_ids == ids
+        first = 1 if tok.bos_token_id is not None else 0  # the teacher's own BOS never aligns
+        assert alignment == [-1] * first + list(range(first, len(ids)))
+
+
+def test_alignment_stays_inside_each_packed_sample(pair, builder) -> None:
+    student, teacher = pair
+    b = builder(student, teacher)
+    a = encode_parts(student, [(TEXTS["accents"][0], False), (TEXTS["accents"][1], True)])
+    c = encode_parts(student, [(TEXTS["cjk"][0], False), (TEXTS["cjk"][1], True)])
+    out = b(pack([a, c], len(a[0]) + len(c[0]) + 5, student.pad_token_id or 0))
+    alignment = out["token_alignment"][0].tolist()
+    s_seg, t_seg = out["student_segment_ids"][0].tolist(), out["teacher_segment_ids"][0].tolist()
+    for i, j in enumerate(alignment):
+        if s_seg[i] < 0:
+            assert j == -1  # padding
+        elif j >= 0:
+            assert t_seg[j] == s_seg[i]
+    # each sample aligns as it does alone, shifted to where it sits in the row
+    alone_a, t_a = sample_alignment(b, *a)
+    alone_c, _ = sample_alignment(b, *c)
+    assert alignment[: len(a[0])] == alone_a
+    assert alignment[len(a[0]) : len(a[0]) + len(c[0])] == [j + len(t_a) if j >= 0 else -1 for j in alone_c]
+
+
+def test_alignment_never_points_past_a_truncated_teacher_row(pair, builder) -> None:
+    student, teacher = pair
+    ids, labels = encode_parts(student, [(TEXTS["ascii"][0], False), (TEXTS["ascii"][1], True)])
+    b = builder(student, teacher, max_length=10)
+    alignment, t_ids = sample_alignment(b, ids, labels)
+    assert len(t_ids) == 10 and max(alignment) <= 9
+    full, _ = sample_alignment(builder(student, teacher), ids, labels)
+    assert alignment == [j if j < 10 else -1 for j in full]

@@ -1,0 +1,164 @@
+"""Logit-equivalence initialization of the projectors: which tokens two vocabularies share, and
+the least-squares maps between the LM heads' spaces."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from axolotl_dskd.loss import Projectors
+from axolotl_dskd.projector_init import logit_equivalent_projectors
+from axolotl_dskd.vocabulary import shared_vocabulary
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    from dskd_devkit.task import task_corpus
+    from dskd_devkit.tiny_tokenizers import bpe_tokenizer, sentencepiece_tokenizer
+
+    corpus = task_corpus()
+    return {"bpe": bpe_tokenizer(corpus), "sp": sentencepiece_tokenizer(corpus)}
+
+
+def _sp_text(tokenizer, token_id: int) -> str:
+    """What a sentencepiece token stands for, leading space included: its decoder strips the
+    first space of a text, so decode it after a token without one."""
+    anchor = tokenizer.convert_tokens_to_ids("W")
+    return tokenizer.decode([anchor, token_id])[1:]
+
+
+# ---------------------------------------------------------------------------- shared vocabulary
+
+
+def test_identical_tokenizers_pair_every_complete_token_with_itself(tiny):
+    tok = tiny["bpe"]
+    student_ids, teacher_ids = shared_vocabulary(tok, tok)
+    assert student_ids.dtype == teacher_ids.dtype == torch.long
+    assert torch.equal(student_ids, teacher_ids)
+    special = set(tok.all_special_ids)
+    complete = {i for i in range(len(tok)) if i not in special and "\ufffd" not in tok.decode([i])}
+    assert set(student_ids.tolist()) == complete  # only partial UTF-8 byte tokens are left out
+    assert len(complete) > 300
+
+
+def test_byte_level_and_sentencepiece_pairs_stand_for_the_same_text(tiny):
+    bpe, sp = tiny["bpe"], tiny["sp"]
+    sp_ids, bpe_ids = shared_vocabulary(sp, bpe)
+    assert len(sp_ids) > 50
+    assert len(set(sp_ids.tolist())) == len(set(bpe_ids.tolist())) == len(sp_ids)
+    assert not set(sp_ids.tolist()) & set(sp.all_special_ids)
+    assert not any(re.fullmatch(r"<0x..>", t) for t in sp.convert_ids_to_tokens(sp_ids.tolist()))
+    for i, j in zip(sp_ids.tolist(), bpe_ids.tolist()):
+        assert _sp_text(sp, i) == bpe.decode([j])
+    assert any(_sp_text(sp, i).startswith(" ") for i in sp_ids.tolist())  # "▁x" pairs with "Ġx"
+
+
+def test_real_llama2_and_qwen3_share_words_by_their_text(real_tokenizer):
+    llama2, qwen3 = real_tokenizer("llama2"), real_tokenizer("qwen3")
+    student_ids, teacher_ids = shared_vocabulary(llama2, qwen3)
+    pairs = dict(zip(student_ids.tolist(), teacher_ids.tolist()))
+    assert len(pairs) > 20_000
+    assert len(set(pairs.values())) == len(pairs)  # one to one
+
+    def pair(student_token: str, teacher_token: str) -> None:
+        assert pairs[llama2.convert_tokens_to_ids(student_token)] == qwen3.convert_tokens_to_ids(
+            teacher_token
+        )
+
+    pair("▁the", "Ġthe")
+    pair("the", "the")
+    cjk = [i for i in pairs if re.fullmatch(r"[\u4e00-\u9fff]", llama2.convert_ids_to_tokens(i))]
+    assert cjk
+    assert all(qwen3.decode([pairs[i]]) == llama2.convert_ids_to_tokens(i) for i in cjk)
+    assert not set(pairs) & set(llama2.all_special_ids)
+    assert not set(pairs.values()) & {i for i, t in qwen3.added_tokens_decoder.items() if t.special}
+    byte_pieces = {llama2.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    assert not set(pairs) & byte_pieces
+    for i in list(pairs)[::997]:  # a sample checked against the tokenizers' own decoders
+        assert _sp_text(llama2, i) == qwen3.decode([pairs[i]])
+
+
+# ---------------------------------------------------------------------------- least-squares maps
+
+
+def _lstsq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.lstsq(x.double(), y.double(), driver="gelsd").solution
+
+
+def test_exact_solution_reproduces_the_teachers_logits():
+    """The student's head is the teacher's (rows permuted, as in another vocabulary order) times a
+    full-rank [d_t, d_s] map with d_s >= d_t: the projected teacher state then gives the teacher's
+    logits exactly, and the projected student state the student's."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, d_t, d_s = 300, 16, 24
+    teacher_head = torch.randn(vocab, d_t, generator=gen)
+    order = torch.randperm(vocab, generator=gen)
+    student_head = teacher_head[order] @ torch.randn(d_t, d_s, generator=gen)
+    student_ids = torch.arange(0, vocab, 2)
+    teacher_ids = order[student_ids]
+    proj = Projectors(d_s, d_t)
+    logit_equivalent_projectors(proj, student_head, teacher_head, student_ids, teacher_ids)
+    assert proj.t2s.weight.dtype == torch.float32 and not proj.t2s.bias.any() and not proj.s2t.bias.any()
+    with torch.no_grad():
+        h_t = torch.randn(5, d_t, generator=gen)
+        # every student row is a teacher row in another order: the whole vocabulary matches
+        teacher_logits = (h_t @ teacher_head.T)[:, order]
+        torch.testing.assert_close(proj.t2s(h_t) @ student_head.T, teacher_logits, atol=1e-4, rtol=1e-4)
+        h_s = torch.randn(5, d_s, generator=gen)
+        student_logits = (h_s @ student_head.T)[:, student_ids]
+        teacher_on_s2t = (proj.s2t(h_s) @ teacher_head.T)[:, teacher_ids]
+        torch.testing.assert_close(teacher_on_s2t, student_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_general_case_is_the_least_squares_solution():
+    gen = torch.Generator().manual_seed(1)
+    student_head, teacher_head = torch.randn(500, 12, generator=gen), torch.randn(400, 20, generator=gen)
+    student_ids = torch.randperm(500, generator=gen)[:350]
+    teacher_ids = torch.randperm(400, generator=gen)[:350]
+    a, b = student_head[student_ids].double(), teacher_head[teacher_ids].double()
+    proj = Projectors(12, 20, cross_tokenizer=True)
+    query = proj.query.weight.clone()
+    # small chunks: the normal equations are summed over many of them
+    stats = logit_equivalent_projectors(
+        proj, student_head, teacher_head, student_ids, teacher_ids, chunk_elements=20 * 37
+    )
+    t2s, s2t = proj.t2s.weight.detach().double(), proj.s2t.weight.detach().double()
+    torch.testing.assert_close(t2s, _lstsq(a, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2t, _lstsq(b, a), atol=1e-5, rtol=1e-5)
+    best = torch.linalg.norm(a @ t2s - b)
+    for _ in range(5):  # no other map fits better
+        assert best <= torch.linalg.norm(
+            a @ (t2s + 0.01 * torch.randn(t2s.shape, generator=gen).double()) - b
+        )
+    assert stats["t2s_relative_residual"] == pytest.approx(float(best / torch.linalg.norm(b)), rel=1e-4)
+    s2t_residual = torch.linalg.norm(b @ s2t - a) / torch.linalg.norm(a)
+    assert stats["s2t_relative_residual"] == pytest.approx(float(s2t_residual), rel=1e-4)
+    assert torch.equal(proj.query.weight, query)  # the cross-tokenizer query is not touched
+
+
+def test_rank_deficient_and_bf16_heads():
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.arange(200)
+    # every column twice: rank 8 in a 16-dimensional student space, exactly, in any precision
+    student_head = torch.randn(200, 8, generator=gen).repeat(1, 2).to(torch.bfloat16)
+    teacher_head = torch.nn.Linear(8, 200, bias=False, dtype=torch.bfloat16)  # a module is fine too
+    proj = Projectors(16, 8)
+    stats = logit_equivalent_projectors(proj, student_head, teacher_head, ids, ids)
+    assert all(p.isfinite().all() for p in proj.parameters()) and proj.t2s.weight.dtype == torch.float32
+    a, b = student_head.double(), teacher_head.weight.detach().double()
+    for fitted, x, y in ((proj.t2s.weight, a, b), (proj.s2t.weight, b, a)):
+        optimum = torch.linalg.norm(x @ _lstsq(x, y) - y)
+        assert torch.linalg.norm(x @ fitted.detach().double() - y) <= optimum * (1 + 1e-4) + 1e-6
+    # of the many equally good maps, the smallest: both copies of a column get half
+    torch.testing.assert_close(proj.t2s.weight[:8], proj.t2s.weight[8:], atol=1e-5, rtol=1e-4)
+    assert 0.0 < stats["t2s_relative_residual"] < 1.0
+
+
+def test_mismatched_ids_are_rejected():
+    proj, head = Projectors(4, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="equally long"):
+        logit_equivalent_projectors(proj, head, head, torch.arange(3), torch.arange(4))
+    with pytest.raises(ValueError, match="out of range"):
+        logit_equivalent_projectors(proj, head, head, torch.arange(3), torch.tensor([0, 1, 10]))
