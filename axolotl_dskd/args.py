@@ -71,6 +71,12 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
     dskd_projectors: str | None = Field(
         default=None, description="Projectors to start from (a .safetensors file or a folder)."
     )
+    dskd_projector_init: Literal["pinv", "random"] = Field(
+        default="pinv",
+        description="pinv: t2s and s2t start as the least-squares maps under which one model's LM "
+        "head reproduces the other's logits on the tokens both vocabularies share (DSKDv2); "
+        "random: nn.Linear's initialization. Ignored when dskd_projectors is set.",
+    )
     dskd_on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop",
         description="A NaN/inf loss term stops the run naming the term and step, or skips the micro-batch.",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -16,11 +17,18 @@ from transformers import AutoConfig, AutoTokenizer, TrainingArguments, set_seed
 
 from axolotl_dskd.args import training_args
 from axolotl_dskd.loss import Projectors
-from axolotl_dskd.models import causal_lm
+from axolotl_dskd.models import causal_lm, lm_head_weight
+from axolotl_dskd.projector_init import logit_equivalent_projectors
 from axolotl_dskd.projector_io import load_projectors
 from axolotl_dskd.teacher import context_length, load_teacher
+from axolotl_dskd.vocabulary import shared_vocabulary
 
 LOG = logging.getLogger(__name__)
+_PAIRING = {
+    "cma": "cross-tokenizer, cross-model attention (CMA)",
+    "exact": "cross-tokenizer, exact token alignment",
+    "exact+cma": "cross-tokenizer, exact token alignment + cross-model attention (CMA)",
+}
 # Axolotl shows INFO only for loggers named "axolotl*" whose level allows it; ours would
 # inherit the root's WARNING, hiding the teacher/CMA choices it reports once per run.
 _PACKAGE_LOG = logging.getLogger("axolotl_dskd")
@@ -109,9 +117,10 @@ class DSKDPlugin(BasePlugin):
 
     def pre_model_load(self, cfg: Any) -> None:
         """Seed before the student (and its LoRA) is built: Axolotl seeds only when the trainer
-        exists, so two runs with one ``seed`` would start from different adapter weights."""
-        if cfg.dskd_teacher:
-            set_seed(cfg.seed if cfg.seed is not None else TrainingArguments.seed)
+        exists, so two runs with one ``seed`` would start from different adapter weights. Also
+        without a teacher, so that an SFT baseline that lists the plugin starts where its
+        distilled twin does."""
+        set_seed(cfg.seed if cfg.seed is not None else TrainingArguments.seed)
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
         from axolotl_dskd.trainer import DSKDTrainer
@@ -121,11 +130,12 @@ class DSKDPlugin(BasePlugin):
         cross_tokenizer = trainer.loss_config.cross_tokenizer
         LOG.info(
             "DSKD: %s (teacher %s)",
-            "cross-tokenizer, cross-model attention (CMA)" if cross_tokenizer else "same vocabulary",
+            _PAIRING[trainer.loss_config.token_alignment] if cross_tokenizer else "same vocabulary",
             cfg.dskd_teacher,
         )
+        teacher_tokenizer = _teacher_tokenizer(cfg)
         if cross_tokenizer:
-            warn_special_token_differences(trainer.processing_class, _teacher_tokenizer(cfg))
+            warn_special_token_differences(trainer.processing_class, teacher_tokenizer)
         teacher = load_teacher(
             cfg.dskd_teacher,
             device=trainer.args.device,
@@ -145,12 +155,39 @@ class DSKDPlugin(BasePlugin):
             if cfg.dskd_projectors:
                 load_projectors(projectors, cfg.dskd_projectors, key="dskd_projectors")
                 LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
+            elif cfg.dskd_projector_init == "pinv":
+                initialize_by_logit_equivalence(
+                    projectors, trainer.model, teacher, trainer.processing_class, teacher_tokenizer
+                )
         trainer.attach_teacher(teacher, projectors)
         self._trainer = trainer
 
     def post_train(self, cfg: Any, model: Any) -> None:
         if self._trainer is not None:
             self._trainer.save_projectors(cfg.output_dir)
+
+
+def initialize_by_logit_equivalence(
+    projectors: Projectors, student: Any, teacher: Any, student_tokenizer: Any, teacher_tokenizer: Any
+) -> None:
+    """``dskd_projector_init: pinv``: t2s and s2t as the least-squares maps between the two LM
+    heads over the tokens both vocabularies spell alike (the LM heads stay unquantized in a 4-bit
+    teacher). Cross-model attention feeds t2s a rescaled teacher state plus a target embedding;
+    it starts from the same map there, and training adapts it."""
+    started = time.time()
+    student_ids, teacher_ids = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    if len(student_ids) == 0:
+        LOG.warning("DSKD: the two vocabularies spell no token alike; projectors keep a random start")
+        return
+    residuals = logit_equivalent_projectors(
+        projectors, lm_head_weight(student), lm_head_weight(teacher), student_ids, teacher_ids
+    )
+    LOG.info(
+        "DSKD projectors initialized by logit equivalence over %d shared tokens in %.1fs "
+        "(relative residual: t2s %.3f, s2t %.3f)",
+        len(student_ids), time.time() - started,
+        residuals["t2s_relative_residual"], residuals["s2t_relative_residual"],
+    )  # fmt: skip
 
 
 def teacher_max_length(cfg: Any) -> int:

@@ -27,6 +27,7 @@ from axolotl_dskd.args import loss_config
 from axolotl_dskd.loss import (
     IGNORE_INDEX,
     METRIC_NAMES,
+    RATIO_METRICS,
     DSKDLossOutput,
     Projectors,
     dskd_loss,
@@ -43,7 +44,8 @@ from axolotl_dskd.projector_io import load_projectors, projectors_file, save_pro
 LOG = logging.getLogger(__name__)
 
 TEACHER_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_position_ids")
-SEGMENT_KEYS = ("student_segment_ids", "teacher_segment_ids")
+ALIGNMENT_KEYS = ("student_segment_ids", "teacher_segment_ids", "token_alignment")
+"""Batch keys of the teacher-token builder that only the loss reads."""
 
 
 @contextlib.contextmanager
@@ -181,12 +183,12 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         teacher_inputs = {k: inputs.pop(k) for k in TEACHER_KEYS if k in inputs}
-        segments = {k: inputs.pop(k) for k in SEGMENT_KEYS if k in inputs}
+        alignment = {k: inputs.pop(k) for k in ALIGNMENT_KEYS if k in inputs}
         labels = inputs.pop("labels")
         inputs.pop("num_items_in_batch", None)
 
         with explain_out_of_memory():
-            out = self._distill(model, inputs, labels, teacher_inputs, segments, num_items_in_batch)
+            out = self._distill(model, inputs, labels, teacher_inputs, alignment, num_items_in_batch)
         loss = out.loss
         if not self._finite_everywhere(loss):
             loss = self._non_finite(out, model)
@@ -202,7 +204,7 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         inputs: dict[str, Tensor],
         labels: Tensor,
         teacher_inputs: dict[str, Tensor],
-        segments: dict[str, Tensor],
+        alignment: dict[str, Tensor],
         num_items_in_batch: Tensor | int | None,
     ) -> DSKDLossOutput:
         student_hidden = final_hidden_states(model, **inputs)
@@ -229,7 +231,7 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
                 teacher_input_ids=teacher_inputs["teacher_input_ids"],
                 student_embeddings=input_embedding_weight(model),
                 teacher_embeddings=input_embedding_weight(self.teacher),
-                **segments,
+                **alignment,
             )
         return dskd_loss(self.projectors, **common, teacher_labels=labels)
 
@@ -289,7 +291,7 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         scale = 1.0 if num_items is None else float(num_items) / float(local)
         prefix = "dskd/" if self.model.training else "eval_dskd/"
         values = {
-            f"{prefix}{name}": float(metrics[name]) * (1.0 if name == "t2s_acc" else scale)
+            f"{prefix}{name}": float(metrics[name]) * (1.0 if name in RATIO_METRICS else scale)
             for name in METRIC_NAMES
         }
         if self.nonfinite_skipped:

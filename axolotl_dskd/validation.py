@@ -48,6 +48,8 @@ def check_teacher_setup(cfg: Any) -> None:
         )
     if cfg.dskd_cross_tokenizer == "auto":
         cfg.dskd_cross_tokenizer = not info.same_vocabulary
+    if cfg.dskd_cross_tokenizer and cfg.dskd_token_alignment != "cma":
+        check_token_bytes_readable(student_tokenizer, info.tokenizer, cfg.dskd_token_alignment)
     sequence_len = getattr(cfg, "sequence_len", None)
     if info.max_length is not None and sequence_len and info.max_length < sequence_len:
         raise ValueError(
@@ -57,6 +59,20 @@ def check_teacher_setup(cfg: Any) -> None:
         )
     if cfg.dskd_projectors:
         check_projectors_fit(cfg, teacher_hidden_size=info.hidden_size)
+
+
+def check_token_bytes_readable(student_tokenizer: Any, teacher_tokenizer: Any, alignment: str) -> None:
+    """Exact alignment measures where tokens end from the bytes each vocabulary entry stands for,
+    which only a Rust-backed (fast) tokenizer exposes."""
+    from axolotl_dskd.vocabulary import token_bytes
+
+    for role, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+        if token_bytes(tokenizer) is None:
+            raise ValueError(
+                f"dskd_token_alignment: {alignment} needs the bytes of each token, but the {role}'s "
+                f"tokenizer ({type(tokenizer).__name__}) has no fast (Rust) backend to read them "
+                "from. Use a fast tokenizer, or set dskd_token_alignment: cma."
+            )
 
 
 def check_projectors_fit(cfg: Any, teacher_hidden_size: int) -> None:

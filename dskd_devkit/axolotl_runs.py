@@ -87,10 +87,10 @@ def dskd_config(assets: dict[str, Path], out: Path, *, student: str = "student",
 
 
 def without_distillation(config: dict[str, Any]) -> dict[str, Any]:
-    """The same Axolotl config as plain SFT: the plugin and every ``dskd_*`` key removed."""
-    plain = {k: v for k, v in config.items() if not k.startswith("dskd_")}
-    plugins = [p for p in plain.pop("plugins", None) or [] if not str(p).startswith("axolotl_dskd")]
-    return {**plain, "plugins": plugins} if plugins else plain
+    """The same Axolotl config as plain SFT: every ``dskd_*`` key removed. The plugin stays
+    listed: without a teacher it only seeds before the model is built, so that the SFT run starts
+    from the same LoRA weights as the distilled one with the same ``seed``."""
+    return {k: v for k, v in config.items() if not k.startswith("dskd_")}
 
 
 def write_config(cfg: dict, path: Path) -> Path:

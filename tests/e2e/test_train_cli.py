@@ -98,16 +98,29 @@ def test_killed_run_resumes_where_it_stopped(killed, uninterrupted):
     }
 
 
-def test_cross_tokenizer_run_with_bare_plugin_name(assets, tmp_path):
+PAIRING_LOG = {
+    "cma": "cross-tokenizer, cross-model attention (CMA)",
+    "exact": "cross-tokenizer, exact token alignment (",
+    "exact+cma": "cross-tokenizer, exact token alignment + cross-model attention (CMA)",
+}
+
+
+@pytest.mark.parametrize("alignment", list(PAIRING_LOG))
+def test_cross_tokenizer_run_with_bare_plugin_name(assets, tmp_path, alignment):
     """`plugins: [axolotl_dskd]` through `accelerate launch`, a sentencepiece-style student and
-    a byte-level BPE teacher: CMA is chosen, trains the query projector and logs t2s_acc."""
-    cfg = dskd_config(assets, tmp_path, student="student_sp", plugins=["axolotl_dskd"])
+    a byte-level BPE teacher in 4 bits, each way of pairing the two tokenizations: the run says
+    which, logs every term and the share of trained tokens with an exact partner, and saves the
+    projectors (the query of cross-model attention among them)."""
+    cfg = dskd_config(
+        assets, tmp_path, student="student_sp", plugins=["axolotl_dskd"], dskd_token_alignment=alignment
+    )
     proc = run_train(cfg, tmp_path, launcher="accelerate")
     assert_ok(proc)
-    assert "cross-model attention" in proc.stdout + proc.stderr
+    assert PAIRING_LOG[alignment] in proc.stdout + proc.stderr
     out = tmp_path / "output"
     logs = training_logs(out / "checkpoint-4")
-    assert all(metric in row for row in logs for metric in DSKD_METRICS)
+    assert all(metric in row for row in logs for metric in (*DSKD_METRICS, "dskd/aligned_frac"))
+    assert all(0.5 < row["dskd/aligned_frac"] <= 1.0 for row in logs)
     weights = load_file(out / "dskd_projectors.safetensors")
     assert weights["query.weight"].shape == (2 * 128, 2 * 64)
 
