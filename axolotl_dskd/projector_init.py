@@ -10,6 +10,8 @@ works between a byte-level BPE and a sentencepiece vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -35,11 +37,15 @@ def logit_equivalent_projectors(
     With ``A = student_lm_head[student_ids]`` and ``B = teacher_lm_head[teacher_ids]``:
     ``t2s.weight = argmin_W ||A W - B||_F`` (the student's head on ``t2s(h)`` gives the teacher's
     logits on ``h``, shared tokens, best for all ``h`` at once) and ``s2t.weight = argmin ||B W - A||``,
-    both biases zero. The normal equations are summed over row chunks in float64 on the student
-    head's device (memory O(d^2 + chunk d) for any vocabulary) and solved with a pseudo-inverse of
-    the Gram matrix, so rank-deficient heads work. ``projectors.query`` is left alone.
+    both biases zero. A token only one side has would otherwise be left free, and a map fitted to
+    the others can give it the largest logit of all (a byte-fallback newline, say): its row is
+    fitted to the other side's average row, an ordinary, unremarkable logit. The normal equations
+    are summed over row chunks in float64 on the student head's device (memory O(d^2 + chunk d)
+    for any vocabulary) and solved with a pseudo-inverse of the Gram matrix, so rank-deficient
+    heads work. ``projectors.query`` is left alone.
 
-    Returns the relative residuals ``||A W - B|| / ||B||`` of both fits, for logging.
+    Returns the relative residuals ``||A W - B|| / ||B||`` of both fits (those rows included),
+    for logging.
     """
     a_head, b_head = _weight(student_lm_head), _weight(teacher_lm_head)
     if student_ids.shape != teacher_ids.shape or student_ids.ndim != 1 or len(student_ids) == 0:
@@ -50,28 +56,63 @@ def logit_equivalent_projectors(
     for name, head, ids in (("student", a_head, student_ids), ("teacher", b_head, teacher_ids)):
         if int(ids.max()) >= head.shape[0] or int(ids.min()) < 0:
             raise ValueError(f"{name} ids out of range for a {head.shape[0]}-row LM head")
-    device, f64 = a_head.device, torch.float64
-    d_s, d_t = a_head.shape[1], b_head.shape[1]
-    gram_a = torch.zeros(d_s, d_s, dtype=f64, device=device)
-    gram_b = torch.zeros(d_t, d_t, dtype=f64, device=device)
-    cross = torch.zeros(d_s, d_t, dtype=f64, device=device)  # A^T B
-    rows = max(1, chunk_elements // max(d_s, d_t))
+    device = a_head.device
+    rows = max(1, chunk_elements // max(a_head.shape[1], b_head.shape[1]))
+    a_sums, b_sums = _Sums.of(a_head, rows, device), _Sums.of(b_head, rows, device)
+    a_own, b_own = a_sums.without(a_head, student_ids, rows), b_sums.without(b_head, teacher_ids, rows)
+    cross = torch.zeros(a_head.shape[1], b_head.shape[1], dtype=torch.float64, device=device)  # A^T B
     for start in range(0, len(student_ids), rows):
-        a = a_head[student_ids[start : start + rows].to(a_head.device)].to(device, f64)
-        b = b_head[teacher_ids[start : start + rows].to(b_head.device)].to(device, f64)
-        gram_a.addmm_(a.T, a)
-        gram_b.addmm_(b.T, b)
+        a = a_head[student_ids[start : start + rows].to(a_head.device)].to(device, torch.float64)
+        b = b_head[teacher_ids[start : start + rows].to(b_head.device)].to(device, torch.float64)
         cross.addmm_(a.T, b)
-    t2s = torch.linalg.pinv(gram_a, hermitian=True) @ cross  # [d_s, d_t]
-    s2t = torch.linalg.pinv(gram_b, hermitian=True) @ cross.T  # [d_t, d_s]
+    # fit: the shared rows to each other, each side's own rows to the other side's mean row
+    a_mean, b_mean = a_sums.total / a_sums.count, b_sums.total / b_sums.count
+    t2s_cross = cross + torch.outer(a_own.total, b_mean)
+    s2t_cross = cross.T + torch.outer(b_own.total, a_mean)
+    gram_a, gram_b = a_sums.gram, b_sums.gram  # every row of a head takes part in its fit
+    t2s = torch.linalg.pinv(gram_a, hermitian=True) @ t2s_cross  # [d_s, d_t]
+    s2t = torch.linalg.pinv(gram_b, hermitian=True) @ s2t_cross  # [d_t, d_s]
     for layer, weight in ((projectors.t2s, t2s), (projectors.s2t, s2t)):
         layer.weight.copy_(weight)
         if layer.bias is not None:
             layer.bias.zero_()
+    # the targets' Gram matrices: the shared rows of the other side, plus the mean row per own row
+    t2s_target = b_sums.gram - b_own.gram + a_own.count * torch.outer(b_mean, b_mean)
+    s2t_target = a_sums.gram - a_own.gram + b_own.count * torch.outer(a_mean, a_mean)
     return {
-        "t2s_relative_residual": _relative_residual(t2s, gram_a, cross, gram_b),
-        "s2t_relative_residual": _relative_residual(s2t, gram_b, cross.T, gram_a),
+        "t2s_relative_residual": _relative_residual(t2s, gram_a, t2s_cross, t2s_target),
+        "s2t_relative_residual": _relative_residual(s2t, gram_b, s2t_cross, s2t_target),
     }
+
+
+@dataclass
+class _Sums:
+    """``X^T X``, the column sums and the row count of some rows of an LM head, in float64."""
+
+    gram: Tensor
+    total: Tensor
+    count: int
+
+    @classmethod
+    def of(cls, head: Tensor, rows: int, device: torch.device, ids: Tensor | None = None) -> _Sums:
+        d = head.shape[1]
+        sums = cls(torch.zeros(d, d, dtype=torch.float64, device=device),
+                   torch.zeros(d, dtype=torch.float64, device=device), 0)  # fmt: skip
+        n = head.shape[0] if ids is None else len(ids)
+        for start in range(0, n, rows):
+            part = (
+                head[start : start + rows] if ids is None else head[ids[start : start + rows].to(head.device)]
+            )
+            x = part.to(device, torch.float64)
+            sums.gram.addmm_(x.T, x)
+            sums.total += x.sum(0)
+            sums.count += x.shape[0]
+        return sums
+
+    def without(self, head: Tensor, shared: Tensor, rows: int) -> _Sums:
+        """The sums over the rows not in ``shared``: all rows minus the shared ones."""
+        part = _Sums.of(head, rows, self.gram.device, shared)
+        return _Sums(self.gram - part.gram, self.total - part.total, self.count - part.count)
 
 
 def _relative_residual(w: Tensor, gram_x: Tensor, cross_xy: Tensor, gram_y: Tensor) -> float:

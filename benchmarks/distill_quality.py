@@ -76,23 +76,29 @@ class Arm:
     label: str
     student: str
     """The asset name of the student base."""
-    method: str | None
-    """``dskd_method``; None: SFT only (no plugin, no teacher)."""
+    keys: dict[str, Any] | None
+    """The arm's ``dskd_*`` keys over the plugin's defaults; None: SFT only (no teacher)."""
+
+    @property
+    def distills(self) -> bool:
+        return self.keys is not None
 
 
 ARMS: dict[str, Arm] = {
     "sft": Arm("SFT only", "student", None),
-    "vanilla_kd": Arm("Vanilla KD", "student", "vanilla_kd"),
-    "dskd": Arm("DSKD", "student", "dskd"),
+    "vanilla_kd": Arm("Vanilla KD", "student", {"dskd_method": "vanilla_kd"}),
+    "dskd": Arm("DSKD", "student", {}),
     "sft_sp": Arm("SFT only (SP student)", "student_sp", None),
-    "dskd_cma": Arm("DSKD + CMA (SP student)", "student_sp", "dskd"),
+    "dskd_cma": Arm("DSKD cross-tokenizer (SP student)", "student_sp", {}),
 }
-"""Same-tokenizer arms use the byte-level BPE student; the two last a sentencepiece-style one."""
+"""Same-tokenizer arms use the byte-level BPE student; the two last a sentencepiece-style one.
+The distillation arms run with the plugin's defaults (pinv projectors; the cross-tokenizer one
+with the default ``dskd_token_alignment``)."""
 
 CLAIMS = [
     ("DSKD beats SFT", "dskd", "sft", False),
     ("DSKD is at least as good as vanilla KD", "dskd", "vanilla_kd", True),
-    ("DSKD + CMA beats its SFT baseline (SP student)", "dskd_cma", "sft_sp", False),
+    ("Cross-tokenizer DSKD beats its SFT baseline (SP student)", "dskd_cma", "sft_sp", False),
 ]
 """The paper's claims: (text, arm, baseline, whether a tie counts)."""
 
@@ -116,11 +122,10 @@ def arm_config(
     cfg["dataset_prepared_path"] = str(run_dir / "prepared")
     if steps:
         cfg["max_steps"] = steps
-    if arm.method is None:
+    if not arm.distills:
         return axolotl_runs.without_distillation(cfg)
     cfg["dskd_teacher"] = str(assets["teacher"])
-    cfg["dskd_method"] = arm.method
-    return cfg
+    return {**cfg, **arm.keys}
 
 
 def run_key(cfg: dict, spec: TinySpec) -> str:
@@ -130,16 +135,21 @@ def run_key(cfg: dict, spec: TinySpec) -> str:
 
 
 _METRICS_LINE = re.compile(r"\{'loss': .*?\}")
+LOGGED = (
+    "loss",
+    "dskd/ce",
+    "dskd/kd_student",
+    "dskd/kd_teacher",
+    "dskd/t2s_ce",
+    "dskd/t2s_acc",
+    "dskd/aligned_frac",
+)
 
 
-def last_train_metrics(log: str) -> dict[str, float]:
-    """The last logged training metrics (Axolotl prints a dict of strings per logging step)."""
-    found = _METRICS_LINE.findall(log)
-    if not found:
-        return {}
-    row = ast.literal_eval(found[-1])
-    keep = ("loss", "dskd/ce", "dskd/kd_student", "dskd/kd_teacher", "dskd/t2s_ce", "dskd/t2s_acc")
-    return {k: float(row[k]) for k in keep if k in row}
+def train_metrics(log: str) -> list[dict[str, float]]:
+    """The logged training metrics of every logging step (Axolotl prints a dict of strings)."""
+    rows = [ast.literal_eval(found) for found in _METRICS_LINE.findall(log)]
+    return [{k: float(row[k]) for k in LOGGED if k in row} for row in rows]
 
 
 def train(cfg: dict, run_dir: Path, threads: int) -> tuple[float, str]:
@@ -170,13 +180,20 @@ def evaluate(model_dir: Path, base_model: Path | None, eval_rows: list[dict]) ->
 
 
 def run_one(
-    name: str, seed: int, base: dict, assets: dict[str, Path], eval_rows: list[dict], args: argparse.Namespace
+    name: str,
+    seed: int,
+    base: dict,
+    assets: dict[str, Path],
+    eval_rows: list[dict],
+    args: argparse.Namespace,
+    arms: dict[str, Arm] = ARMS,
+    spec: TinySpec = ARITHMETIC,
 ) -> dict[str, Any]:
     """Train and score one arm and seed, or reuse its scores when config and assets match."""
-    arm = ARMS[name]
+    arm = arms[name]
     run_dir = Path(args.work) / f"{name}-seed{seed}"
     cfg = arm_config(base, arm, assets, seed, run_dir, args.steps)
-    key = run_key(cfg, ARITHMETIC)
+    key = run_key(cfg, spec)
     scores_file = run_dir / "scores.json"
     if not args.fresh and scores_file.is_file():
         saved = json.loads(scores_file.read_text())
@@ -185,12 +202,14 @@ def run_one(
     say(f"      {arm.label}, seed {seed}: training ({cfg['max_steps']} steps) ...")
     seconds, log = train(cfg, run_dir, args.threads)
     result = evaluate(run_dir / "output", assets[arm.student], eval_rows)
+    history = train_metrics(log)
     result.update(
         arm=name, seed=seed, run_key=key, train_seconds=round(seconds, 1),
-        train_metrics=last_train_metrics(log), cma="cross-model attention" in log,
+        train_metrics=history[-1] if history else {}, history=history,
+        cross_tokenizer="DSKD: cross-tokenizer" in log,
     )  # fmt: skip
-    if arm.method and arm.student == "student_sp" and not result["cma"]:
-        raise RuntimeError(f"{run_dir}: the cross-tokenizer run did not report CMA")
+    if arm.distills and arm.student == "student_sp" and not result["cross_tokenizer"]:
+        raise RuntimeError(f"{run_dir}: the cross-tokenizer run did not report its pairing")
     scores_file.write_text(json.dumps(result, indent=2))
     return {**result, "reused": False}
 
@@ -198,11 +217,11 @@ def run_one(
 # ---------------------------------------------------------------------------------- reporting
 
 
-def summarize(runs: list[dict], arms: list[str]) -> dict[str, dict[str, Any]]:
+def summarize(runs: list[dict], arms: list[str], table: dict[str, Arm] = ARMS) -> dict[str, dict[str, Any]]:
     out = {}
     for name in arms:
         mine = sorted((r for r in runs if r["arm"] == name), key=lambda r: r["seed"])
-        row: dict[str, Any] = {"label": ARMS[name].label, "seeds": [r["seed"] for r in mine]}
+        row: dict[str, Any] = {"label": table[name].label, "seeds": [r["seed"] for r in mine]}
         for metric in ("exact_match", "token_nll", "answer_nll"):
             values = [r[metric] for r in mine]
             row[metric] = {
@@ -369,9 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = yaml.safe_load(BASE_CONFIG.read_text())
 
     # the distillation runs (the longer ones) first: fewer runs left alone on a core at the end
-    jobs = sorted(
-        ((n, s) for s in args.seeds for n in args.arms), key=lambda job: ARMS[job[0]].method is None
-    )
+    jobs = sorted(((n, s) for s in args.seeds for n in args.arms), key=lambda job: not ARMS[job[0]].distills)
     runs: list[dict] = []
     with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         pending = [pool.submit(run_one, n, s, base, assets, eval_rows, args) for n, s in jobs]

