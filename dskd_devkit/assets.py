@@ -2,8 +2,10 @@
 
 A teacher (Qwen2, byte-level BPE), a same-vocabulary student (Llama, BPE), a cross-tokenizer
 student (Llama, sentencepiece-style) and the task's datasets under one folder, rebuilt only
-when their settings (:class:`TinySpec`) change. ``python -m dskd_devkit.assets`` builds the
-quickstart's set (``.cache/tiny/arithmetic``).
+when their settings (:class:`TinySpec`) change. The tokenizers are tiny trained ones, or real
+ones (Qwen3, Llama 2, Llama 3) with their full vocabularies. ``python -m dskd_devkit.assets``
+builds the quickstart's set (``.cache/tiny/arithmetic``); ``python -m dskd_devkit.assets real``
+the same task on real tokenizers (``.cache/tiny/arithmetic-real-vocab``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from axolotl_dskd.dolly import write_jsonl
+from dskd_devkit.real_tokenizers import NPM_PACKAGES, real_tokenizer
 from dskd_devkit.task import addition_row, counting_texts, task_corpus
 from dskd_devkit.tiny_tokenizers import bpe_tokenizer, sentencepiece_tokenizer
 from dskd_devkit.training import pretrain_lm, save_pair, tiny_model, train_causal_lm
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
 
 PathLike = str | os.PathLike
 
-ASSETS_VERSION = 2
+ASSETS_VERSION = 3
 """Bumped whenever the code that builds assets changes what it builds (part of the cache key)."""
 
 
@@ -66,10 +69,30 @@ class TinySpec:
     """Fraction of the students' rows whose answer is wrong (a careless annotator)."""
     eval_rows: int = 0
     """Held-out rows (``eval``), pairs neither the teacher nor the students train on."""
+    teacher_tokenizer: str = "tiny"
+    """The teacher's and the same-vocab student's: ``"tiny"`` (a byte-level BPE of ``bpe_vocab``
+    trained on the task) or a real one, a name of :data:`NPM_PACKAGES`."""
+    cross_tokenizer: str = "tiny"
+    """The cross-tokenizer student's (``student_sp``): ``"tiny"`` (a sentencepiece-style Unigram
+    of ``sentencepiece_vocab``) or a name of :data:`NPM_PACKAGES`."""
+
+    def __post_init__(self) -> None:
+        for name in (self.teacher_tokenizer, self.cross_tokenizer):
+            if name != "tiny" and name not in NPM_PACKAGES:
+                raise ValueError(f"unknown tokenizer {name!r}: 'tiny' or one of {sorted(NPM_PACKAGES)}")
 
     def key(self) -> str:
-        blob = json.dumps({"version": ASSETS_VERSION, **asdict(self)}, sort_keys=True)
+        """The settings' hash. Fields added later count only when they differ from their default,
+        so the specs that existed before them keep their key (and their cache folders)."""
+        settings = asdict(self)
+        for f in fields(self):
+            if f.name in _LATER_FIELDS and settings[f.name] == f.default:
+                del settings[f.name]
+        blob = json.dumps({"version": ASSETS_VERSION, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_LATER_FIELDS = ("teacher_tokenizer", "cross_tokenizer")
 
 
 DEFAULT_CACHE = Path(".cache") / "tiny"
@@ -120,11 +143,19 @@ def wrong_answer(right: int, rng: random.Random) -> int:
 
 
 def tokenizers_for(spec: TinySpec) -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:
-    """The teacher's byte-level BPE and the cross student's sentencepiece-style tokenizer."""
-    corpus = task_corpus(spec.tokenizer_rows, spec.seed, spec.max_operand, spec.max_second)
-    bpe = bpe_tokenizer(corpus, spec.bpe_vocab)
-    sp = sentencepiece_tokenizer(corpus, spec.sentencepiece_vocab, pad_token="</s>")
-    return bpe, sp
+    """The teacher's tokenizer and the cross student's: by default a byte-level BPE and a
+    sentencepiece-style one trained on the task, else the real ones the spec names."""
+    if "tiny" in (spec.teacher_tokenizer, spec.cross_tokenizer):
+        corpus = task_corpus(spec.tokenizer_rows, spec.seed, spec.max_operand, spec.max_second)
+    if spec.teacher_tokenizer == "tiny":
+        teacher = bpe_tokenizer(corpus, spec.bpe_vocab)
+    else:
+        teacher = real_tokenizer(spec.teacher_tokenizer)
+    if spec.cross_tokenizer == "tiny":
+        cross = sentencepiece_tokenizer(corpus, spec.sentencepiece_vocab, pad_token="</s>")
+    else:
+        cross = real_tokenizer(spec.cross_tokenizer)
+    return teacher, cross
 
 
 def train_teacher(
@@ -133,7 +164,15 @@ def train_teacher(
     rows: Sequence[dict[str, str]],
     log: Callable[[str], None] | None = print,
 ) -> PreTrainedModel:
-    """The teacher: a tiny Qwen2 trained (full fine-tuning, plain torch) on ``rows``."""
+    """The teacher: a tiny Qwen2 trained (full fine-tuning, plain torch) on ``rows``; with a real
+    tokenizer's vocabulary, by :func:`~dskd_devkit.training.fit_used_vocab` (minutes, not hours).
+
+    Each row is trained spelled both ways: the answer tokenized on its own (as Axolotl feeds a
+    byte-level student: ``=`` then ``fifty``) and after a space (as a sentencepiece student's
+    text reads: ``= fifty``, which is how the teacher sees that student's data). A real LLM reads
+    both; a tiny teacher trained on one spelling only is lost on the other (answer NLL 27.9 nats
+    instead of 0.63 on the Qwen3 teacher), and a cross-tokenizer student would learn from that.
+    """
     model = tiny_model(
         "qwen2",
         tokenizer,
@@ -143,24 +182,32 @@ def train_teacher(
         seed=spec.seed,
     )
     if spec.teacher_steps:
+        spaced = [{**row, "output": " " + row["output"]} for row in rows]
         train_causal_lm(
             model,
             tokenizer,
-            rows,
+            [*rows, *spaced],
             steps=spec.teacher_steps,
             batch_size=spec.teacher_batch,
             lr=spec.teacher_lr,
             seed=spec.seed,
             log=log,
             log_every=max(1, spec.teacher_steps // 10),
+            used_vocab=spec.teacher_tokenizer != "tiny",
         )
     return model
 
 
 def make_student(
-    spec: TinySpec, tokenizer: PreTrainedTokenizerFast, seed: int, log: Callable[[str], None] | None = print
+    spec: TinySpec,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int,
+    log: Callable[[str], None] | None = print,
+    *,
+    used_vocab: bool = False,
 ) -> PreTrainedModel:
-    """A student base: a tiny Llama, pretrained on counting text when the spec asks for it."""
+    """A student base: a tiny Llama, pretrained on counting text when the spec asks for it
+    (``used_vocab``: by :func:`~dskd_devkit.training.fit_used_vocab`, for a real vocabulary)."""
     model = tiny_model(
         "llama", tokenizer, hidden_size=spec.student_hidden, num_layers=spec.student_layers, seed=seed
     )
@@ -180,6 +227,7 @@ def make_student(
             seed=seed,
             log=log,
             log_every=max(1, spec.student_pretrain_steps // 3),
+            used_vocab=used_vocab,
         )
     return model
 
@@ -221,9 +269,9 @@ def make_assets(
     log: Callable[[str], None] | None = None,
     threads: int | None = None,
 ) -> dict[str, Path]:
-    """Teacher (Qwen2, BPE), same-vocab student (Llama, BPE), cross student (Llama,
-    sentencepiece-style), the students' alpaca dataset (``data``), held-out rows (``eval``) and
-    the teacher's training rows (``teacher_data``), under ``root``.
+    """Teacher (Qwen2), same-vocab student (Llama, the teacher's tokenizer), cross student (Llama,
+    another tokenizer; see :func:`tokenizers_for`), the students' alpaca dataset (``data``),
+    held-out rows (``eval``) and the teacher's training rows (``teacher_data``), under ``root``.
 
     Reused when ``root`` already holds assets of the same ``spec`` (``assets.json`` records its
     key, written last); rebuilt otherwise. The default spec (``TinySpec(seed=seed)``): random
@@ -251,12 +299,15 @@ def make_assets(
         rows = task_split(spec)
         if spec.teacher_steps:
             say(
-                f"training the teacher (Qwen2, d={spec.teacher_hidden}, {spec.teacher_layers} layers) "
-                f"on {len(rows['teacher'])} clean rows for {spec.teacher_steps} steps"
+                f"training the teacher (Qwen2, d={spec.teacher_hidden}, {spec.teacher_layers} layers, "
+                f"{spec.teacher_tokenizer} tokenizer) on {len(rows['teacher'])} clean rows "
+                f"for {spec.teacher_steps} steps"
             )
         save_pair(train_teacher(spec, bpe, rows["teacher"], log=say), bpe, staged["teacher"])
-        for offset, (name, tok) in enumerate((("student", bpe), ("student_sp", sp)), start=1):
-            save_pair(make_student(spec, tok, seed=spec.seed + offset, log=say), tok, staged[name])
+        students = (("student", bpe, spec.teacher_tokenizer), ("student_sp", sp, spec.cross_tokenizer))
+        for offset, (name, tok, tok_name) in enumerate(students, start=1):
+            student = make_student(spec, tok, seed=spec.seed + offset, log=say, used_vocab=tok_name != "tiny")
+            save_pair(student, tok, staged[name])
         write_jsonl(rows["student"], staged["data"])
         write_jsonl(rows["eval"], staged["eval"])
         write_jsonl(rows["teacher"], staged["teacher_data"])
@@ -297,7 +348,7 @@ ARITHMETIC = TinySpec(
     tokenizer_rows=2000,
     teacher_layers=4,
     teacher_intermediate=512,
-    teacher_steps=600,
+    teacher_steps=1200,
     teacher_lr=3e-3,
     student_pretrain_steps=300,
     student_rows=256,
@@ -306,15 +357,36 @@ ARITHMETIC = TinySpec(
 )
 """The quickstart's and the distillation benchmark's task (``.cache/tiny/arithmetic``): add a
 digit to a number below 100, in words. The teacher (Qwen2, d=128, 4 layers, byte-level BPE)
-trains on the 800 problems not held out; the students (Llama, d=64, 2 layers, pretrained on
+trains on the 800 problems not held out, each spelled both ways (see :func:`train_teacher`); the
+students (Llama, d=64, 2 layers, pretrained on
 counting text only) get 256 of them, 15% with a wrong answer; 200 problems are held out.
 
 The noise is moderate on purpose: cross-model attention distills only where the teacher's
-projected prediction matches the label (the paper's mask), so it cannot correct wrong labels,
-and at 30% noise its gain over SFT vanishes (see benchmarks/distill_quality.py)."""
+projected prediction matches the label (the paper's mask), so it cannot correct wrong labels."""
 ARITHMETIC_NAME = "arithmetic"
 
+REAL_VOCAB = replace(ARITHMETIC, teacher_tokenizer="qwen3", cross_tokenizer="llama2")
+""":data:`ARITHMETIC` on real tokenizers (``.cache/tiny/arithmetic-real-vocab``): the teacher and
+the same-vocab student on Qwen3's (byte-level BPE, 151,669 tokens, no BOS, EOS ``<|im_end|>``),
+the cross student on Llama 2's (sentencepiece BPE with byte fallback, 32,000 tokens, BOS ``<s>``).
+Same task, rows, noise and model sizes; only the tokenizers change, and with them what DSKD has
+to bridge: vocabularies of real size (the teacher's embedding and LM head are 151,669 x 128, its
+logits 151,669 wide) and two real, differently-split spellings of each number (the tiny tokenizers
+were trained on this very text). The models still train in minutes: only the few dozen tokens the
+task uses get logits during training (:func:`~dskd_devkit.training.fit_used_vocab`)."""
+REAL_VOCAB_NAME = "arithmetic-real-vocab"
 
-if __name__ == "__main__":  # the quickstart's models, for its YAML
-    for name, path in cached_assets(ARITHMETIC, name=ARITHMETIC_NAME, log=print).items():
+SETS = {"arithmetic": (ARITHMETIC, ARITHMETIC_NAME), "real": (REAL_VOCAB, REAL_VOCAB_NAME)}
+"""``python -m dskd_devkit.assets [arithmetic|real]``: the sets built by name."""
+
+
+if __name__ == "__main__":  # the quickstart's models (for its YAML), or another set by name
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build (or reuse) a cached set of tiny assets.")
+    parser.add_argument("set", nargs="?", default="arithmetic", choices=sorted(SETS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads while training")
+    args = parser.parse_args()
+    spec, set_name = SETS[args.set]
+    for name, path in cached_assets(spec, name=set_name, log=print, threads=args.threads).items():
         print(f"{name}: {path}")

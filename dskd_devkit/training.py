@@ -3,6 +3,7 @@ torch loop that trains them (the teacher learns the task; student bases learn to
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -86,21 +87,33 @@ def train_causal_lm(
     *,
     steps: int,
     fmt: str = PROMPT_FORMAT,
+    used_vocab: bool = False,
     **kw: Any,
 ) -> list[float]:
-    """Full fine-tuning on task rows, on the response tokens only (see :func:`fit`)."""
-    return fit(model, [encode_row(tokenizer, r, fmt) for r in rows], pad_id_of(tokenizer), steps=steps, **kw)
+    """Full fine-tuning on task rows, on the response tokens only (see :func:`fit`; ``used_vocab``:
+    :func:`fit_used_vocab`, for large vocabularies)."""
+    train = fit_used_vocab if used_vocab else fit
+    return train(
+        model, [encode_row(tokenizer, r, fmt) for r in rows], pad_id_of(tokenizer), steps=steps, **kw
+    )
 
 
 def pretrain_lm(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], *, steps: int, **kw: Any
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    *,
+    steps: int,
+    used_vocab: bool = False,
+    **kw: Any,
 ) -> list[float]:
     """Plain language modelling on ``texts`` (every token trained, EOS appended)."""
     examples = []
     for text in texts:
         ids = list(tokenizer(text)["input_ids"]) + [tokenizer.eos_token_id]
         examples.append((ids, ids))
-    return fit(model, examples, pad_id_of(tokenizer), steps=steps, **kw)
+    train = fit_used_vocab if used_vocab else fit
+    return train(model, examples, pad_id_of(tokenizer), steps=steps, **kw)
 
 
 def fit(
@@ -116,9 +129,12 @@ def fit(
     seed: int = 0,
     log: Callable[[str], None] | None = print,
     log_every: int = 100,
+    loss_fn: Callable[[PreTrainedModel, dict[str, Any]], Any] | None = None,
 ) -> list[float]:
     """A plain torch training loop over ``(input_ids, labels)`` examples: AdamW, linear warmup,
-    cosine decay, gradient clipping; examples are shuffled each epoch. Returns every step's loss."""
+    cosine decay, gradient clipping; examples are shuffled each epoch. Returns every step's loss.
+
+    ``loss_fn(model, batch)``: the loss of a padded batch (default: the model's own, ``.loss``)."""
     import torch
 
     encoded, pad = list(examples), pad_id
@@ -140,7 +156,7 @@ def fit(
             order += more
         batch = pad_batch([encoded[i] for i in order[:batch_size]], pad)
         del order[:batch_size]
-        loss = model(**batch).loss
+        loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -153,5 +169,73 @@ def fit(
                 f"  step {step + 1}/{steps}  loss {sum(recent) / len(recent):.4f}  "
                 f"({time.time() - start:.0f}s)"
             )
+    model.eval()
+    return losses
+
+
+def fit_used_vocab(
+    model: PreTrainedModel, examples: Sequence[tuple[list[int], list[int]]], pad_id: int, **kw: Any
+) -> list[float]:
+    """:func:`fit` for a model whose vocabulary is far larger than what ``examples`` use (a real
+    tokenizer's 32k-151k tokens, a few dozen of which spell numbers): as cheap as a tiny vocabulary.
+
+    It trains the same model with the LM-head rows of the unused tokens tied to one shared row
+    (set to zero first). The softmax still spans the whole vocabulary: the shared logit counts
+    once per unused token, so the loss is the full model's, and the tied rows get the gradient
+    full training would give each of them (they are never targets, so it is the same for all).
+    Only used tokens' logits are computed, and only at trained positions; the unused tokens'
+    embeddings, which no example reads, keep their initialization (no weight decay either).
+    Training runs on a compact copy (used tokens, then the shared row), written back at the end.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    config = model.config
+    specials = {pad_id, config.bos_token_id, config.eos_token_id, config.pad_token_id} - {None}
+    used = sorted({t for ids, labels in examples for t in (*ids, *labels)} - {IGNORE_INDEX} | specials)
+    index = {t: i for i, t in enumerate(used)}
+    unused = emb.shape[0] - len(used)
+
+    small_config = copy.deepcopy(config)
+    small_config.vocab_size = len(used) + 1
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, attr)
+        setattr(small_config, attr, None if value is None else index[value])
+    small = type(model)(small_config)
+    vocab_params = {name for name, p in model.named_parameters() if p is emb or p is head}
+    shared = {k: v for k, v in model.state_dict().items() if k not in vocab_params}
+    rows = torch.tensor(used)
+    with torch.no_grad():
+        small.load_state_dict(shared, strict=False)
+        zero = torch.zeros(1, emb.shape[1], dtype=emb.dtype)
+        small.get_input_embeddings().weight.copy_(torch.cat([emb[rows], zero]))
+        small.get_output_embeddings().weight.copy_(torch.cat([head[rows], zero]))
+
+    offset = torch.zeros(len(used) + 1)
+    offset[-1] = math.log(unused) if unused else -math.inf
+
+    def loss_fn(m: PreTrainedModel, batch: dict[str, Any]) -> Any:
+        hidden = m.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        trained = targets != IGNORE_INDEX
+        logits = m.get_output_embeddings()(hidden[:, :-1][trained]).float() + offset
+        return F.cross_entropy(logits, targets[trained])
+
+    remapped = [
+        ([index[t] for t in ids], [t if t == IGNORE_INDEX else index[t] for t in labels])
+        for ids, labels in examples
+    ]
+    losses = fit(small, remapped, index[pad_id], loss_fn=loss_fn, **kw)
+
+    trained_state = {k: v for k, v in small.state_dict().items() if k not in vocab_params}
+    with torch.no_grad():
+        model.load_state_dict(trained_state, strict=False)
+        small_emb, small_head = small.get_input_embeddings().weight, small.get_output_embeddings().weight
+        emb[rows] = small_emb[:-1]
+        head.copy_(small_head[-1:].expand_as(head))
+        head[rows] = small_head[:-1]
     model.eval()
     return losses

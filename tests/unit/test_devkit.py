@@ -224,17 +224,98 @@ def test_quickstart_config_fits_the_task(arithmetic_toks) -> None:
 
 
 def test_without_distillation_keeps_everything_else() -> None:
+    """Only the dskd_* keys go: the plugin stays listed, so the SFT run is seeded like the
+    distilled one before its LoRA weights are drawn."""
     cfg = {"base_model": "s", "plugins": ["axolotl_dskd", "other.Plugin"], "dskd_teacher": "t", "dskd_kd_rate": 0.5,
            "max_steps": 3, "seed": 1}  # fmt: skip
     assert axolotl_runs.without_distillation(cfg) == {
         "base_model": "s",
-        "plugins": ["other.Plugin"],
+        "plugins": ["axolotl_dskd", "other.Plugin"],
         "max_steps": 3,
         "seed": 1,
     }
-    assert axolotl_runs.without_distillation({**cfg, "plugins": ["axolotl_dskd.DSKDPlugin"]}) == {
-        "base_model": "s", "max_steps": 3, "seed": 1,
-    }  # fmt: skip
     assert cfg["dskd_teacher"] == "t"  # the input is left alone
     command = axolotl_runs.train_command("c.yml")
     assert command[0].endswith("accelerate") and command[-3:] == ["-m", "axolotl.cli.train", "c.yml"]
+
+
+def test_spec_keys_stay_put_when_fields_are_added() -> None:
+    """The key names the cache folder and the benchmark's reuse of runs: pinned, so that only a
+    deliberate change (a new ASSETS_VERSION) moves it; the tokenizer fields count only when set."""
+    assert assets.ARITHMETIC.key() == "640774324d4f"
+    assert assets.TinySpec().key() == "a4334c6297e2"
+    real = assets.REAL_VOCAB
+    assert (real.teacher_tokenizer, real.cross_tokenizer) == ("qwen3", "llama2")
+    assert replace(real, teacher_tokenizer="tiny", cross_tokenizer="tiny") == assets.ARITHMETIC
+    assert len({real.key(), replace(real, cross_tokenizer="tiny").key(), assets.ARITHMETIC.key()}) == 3
+    assert assets.SETS["real"] == (real, "arithmetic-real-vocab")
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        assets.TinySpec(cross_tokenizer="llama4")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train fastest on one thread, and two spin for minutes on a busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_fit_used_vocab_trains_the_full_vocabulary_model(toks, one_torch_thread) -> None:
+    """The compact training's loss is the full model's (softmax over every token), and what it
+    writes back is that model: unused LM-head rows tied, unused embeddings untouched."""
+    bpe, _ = toks
+    rows = task.arithmetic_rows(8, 0, 30, 10)
+    batch = training.pad_batch([task.encode_row(bpe, r) for r in rows], training.pad_id_of(bpe))
+    model = training.tiny_model("llama", bpe, hidden_size=64, num_layers=1)
+    # lr 0: one step's loss, on the whole set at the initial weights (shared row zero)
+    losses = training.train_causal_lm(
+        model, bpe, rows, steps=1, batch_size=8, lr=0.0, log=None, used_vocab=True
+    )
+    with torch.no_grad():
+        assert model(**batch).loss.item() == pytest.approx(losses[0], abs=1e-5)
+
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = training.train_causal_lm(model, bpe, rows, steps=30, batch_size=8, log=None, used_vocab=True)
+    used = sorted({i for ids, _ in (task.encode_row(bpe, r) for r in rows) for i in ids} | {bpe.eos_token_id})
+    unused = torch.ones(len(bpe), dtype=torch.bool)
+    unused[used] = False
+    head, emb = model.lm_head.weight, model.model.embed_tokens.weight
+    assert torch.equal(head[unused], head[unused][:1].expand(int(unused.sum()), -1))
+    assert torch.equal(emb[unused], initial["model.embed_tokens.weight"][unused])
+    assert not torch.equal(emb[used], initial["model.embed_tokens.weight"][used])
+    with torch.no_grad():
+        assert model(**batch).loss.item() < losses[0] - 1
+
+
+def test_real_vocab_assets_use_the_real_tokenizers(real_tokenizer, tmp_path: Path, one_torch_thread) -> None:
+    """A REAL_VOCAB-like spec at test size: Qwen3 on the teacher's side, Llama 2 on the cross
+    student's, full vocabularies; rows tokenized as Axolotl does (Llama 2's BOS, Qwen3's EOS)."""
+    qwen3, llama2 = real_tokenizer("qwen3"), real_tokenizer("llama2")
+    spec = replace(
+        SMALL, teacher_tokenizer="qwen3", cross_tokenizer="llama2", teacher_hidden=64, student_hidden=32
+    )
+    teacher_tok, cross_tok = assets.tokenizers_for(spec)
+    assert teacher_tok.get_vocab() == qwen3.get_vocab() and cross_tok.get_vocab() == llama2.get_vocab()
+    row = task.addition_row(43, 9)
+    for tok, bos, eos in ((qwen3, None, "<|im_end|>"), (llama2, "<s>", "</s>")):
+        ids, labels = task.encode_row(tok, row)
+        prompt = task.encode_prompt(tok, row)
+        assert (tok.convert_ids_to_tokens(prompt[0]) == bos) == (bos is not None)
+        assert (
+            tok.convert_ids_to_tokens(ids[-1]) == eos and tok.decode(labels[len(prompt) : -1]) == "fifty-two"
+        )
+        # the answer's first token is a target of the students' counting text (see make_student)
+        texts = task.counting_texts(4000, 1, 110, separators=(" ", "\n"))
+        targets = {i for t in texts for i in tok(t)["input_ids"][1:]}
+        assert {task.encode_answer(tok, task.number_words(n))[0] for n in range(1, 110)} <= targets
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    paths = assets.make_assets(tmp_path, spec=spec, threads=1)
+    for name, tok in (("teacher", qwen3), ("student", qwen3), ("student_sp", llama2)):
+        assert AutoConfig.from_pretrained(paths[name]).vocab_size == len(tok)
+        saved = AutoTokenizer.from_pretrained(paths[name])
+        assert saved("forty-three plus nine")["input_ids"] == tok("forty-three plus nine")["input_ids"]
+        assert saved.eos_token == tok.eos_token and saved.pad_token_id is not None
