@@ -69,7 +69,7 @@ class DSKDLossConfig:
     akl_alpha: float = _setting(0.5, "Head/tail split of adaptive_kl.", ge=0.0, le=1.0)
     cross_tokenizer: bool = _setting(False, "Two tokenizations: the teacher reads its own tokens.")
     token_alignment: TokenAlignment = _setting(
-        "cma",
+        "exact",
         "Cross-tokenizer pairing of student and teacher positions: cma (cross-model attention), "
         "exact (positions where both have read the same text, the rest CE only), exact+cma.",
     )

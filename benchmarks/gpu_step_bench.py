@@ -462,7 +462,7 @@ class Bench:
         """(c) The DSKD step: the trainer's loss, backward, AdamW over LoRA and the projectors."""
         student, teacher = self.models["student"], self.models[f"teacher_{variant}"]
         proj, opt = self.projectors[variant], self.optimizers[variant]
-        config = DSKDLossConfig(cross_tokenizer=variant == "cma")
+        config = DSKDLossConfig(cross_tokenizer=variant == "cma", token_alignment="cma")
 
         def dskd() -> torch.Tensor:
             # DSKDTrainer.compute_loss, minus the metrics logging

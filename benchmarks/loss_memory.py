@@ -148,7 +148,7 @@ def make_inputs(point: Point, *, d_s: int, d_t: int, v_s: int, device: str, dtyp
             teacher_embeddings=randn(V_t, d_t, scale=0.02),
         )
     proj = Projectors(d_s, d_t, cross_tokenizer=cma).to(device)
-    return proj, inputs, DSKDLossConfig(cross_tokenizer=cma)
+    return proj, inputs, DSKDLossConfig(cross_tokenizer=cma, token_alignment="cma")
 
 
 # ============================================================================================
@@ -212,7 +212,11 @@ class LossPasses:
             point, device=self.spec["device"], dtype=self.dtype, seed=self.spec["seed"], **shape
         )
         if self.spec.get("chunk_size"):
-            cfg = DSKDLossConfig(cross_tokenizer=cfg.cross_tokenizer, chunk_size=int(self.spec["chunk_size"]))
+            cfg = DSKDLossConfig(
+                cross_tokenizer=cfg.cross_tokenizer,
+                token_alignment="cma",
+                chunk_size=int(self.spec["chunk_size"]),
+            )
         return proj, inputs, cfg
 
     def warm_up(self, variant: str) -> None:

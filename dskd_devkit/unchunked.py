@@ -132,7 +132,7 @@ def unchunked_dskd_loss(
     """The DSKD loss of one micro-batch with whole-batch ``[B, L, V]`` logits.
 
     Same keyword arguments as ``axolotl_dskd.loss.dskd_loss``; returns ``(loss, metrics)``
-    with metrics ``ce``, ``kd_student``, ``kd_teacher``, ``t2s_ce``, ``t2s_acc``.
+    with metrics ``ce``, ``kd_student``, ``kd_teacher``, ``t2s_ce``, ``t2s_acc``, ``aligned_frac``.
     """
     cfg = config if config is not None else SimpleNamespace(**_DEFAULTS)
     T, lam, alpha = float(cfg.temperature), float(cfg.skew_lambda), float(cfg.akl_alpha)
@@ -219,5 +219,7 @@ def unchunked_dskd_loss(
         "kd_teacher": kd_tea.detach(),
         "t2s_ce": t2s_ce.detach(),
         "t2s_acc": correct.sum().float() / n_trained.clamp_min(1).float(),
+        # cross-model attention alone pairs no position exactly; one vocabulary pairs every one
+        "aligned_frac": torch.tensor(0.0 if cfg.cross_tokenizer else 1.0),
     }
     return loss, metrics

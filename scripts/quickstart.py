@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"  SFT only:  accelerate launch -m axolotl.cli.train {sft_config}")
     if not train_both(CONFIG, sft_config, steps, args.threads):
         return 1
-    if "cross-model attention" in (OUT / "distilled.log").read_text(encoding="utf-8"):
-        say("  the plugin chose cross-model attention (CMA): the tokenizers differ")
+    if "DSKD: cross-tokenizer" in (OUT / "distilled.log").read_text(encoding="utf-8"):
+        say("  the tokenizers differ: the plugin distilled the positions where both have read the same text")
 
     eval_rows = dolly.read_jsonl(assets["eval"])
     say(f"step 3/3: scoring on {len(eval_rows)} held-out problems (greedy decoding) ...")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, folder, base in (
         ("teacher (reference)", assets["teacher"], None),
         ("student, SFT only", Path(sft["output_dir"]), assets["student_sp"]),
-        ("student, distilled (DSKD + CMA)", Path(config["output_dir"]), assets["student_sp"]),
+        ("student, distilled (DSKD)", Path(config["output_dir"]), assets["student_sp"]),
     ):
         model, tokenizer, _ = load_model_and_tokenizer(folder, base, device="cpu")
         rows.append((label, scoring.evaluate_task(model, tokenizer, eval_rows)))

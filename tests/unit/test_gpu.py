@@ -183,7 +183,9 @@ def _run(variant: str, inputs: dict, dtype: torch.dtype, proj_state: dict):
         for k, v in inputs.items()
     }
     h_s = moved["student_hidden"].requires_grad_(True)
-    out = dskd_loss(proj, **moved, config=DSKDLossConfig(cross_tokenizer=variant == "cma"))
+    out = dskd_loss(
+        proj, **moved, config=DSKDLossConfig(cross_tokenizer=variant == "cma", token_alignment="cma")
+    )
     out.loss.backward()
     grads = {"student_hidden": h_s.grad.float()}
     grads.update({f"proj.{k}": p.grad.float() for k, p in proj.named_parameters()})

@@ -168,7 +168,7 @@ def loss_of(world: World, rows: list[Row], *, cross: bool, num_items=None, chunk
         )
     else:
         inputs["teacher_labels"] = inputs["student_labels"]
-    config = DSKDLossConfig(cross_tokenizer=cross, chunk_size=chunk_size)
+    config = DSKDLossConfig(cross_tokenizer=cross, token_alignment="cma", chunk_size=chunk_size)
     return dskd_loss(world.proj, **inputs, config=config, num_items=num_items)
 
 

@@ -217,7 +217,7 @@ def test_fp16_logits_beyond_fp16_range_stay_finite_and_match_float32(cross_token
     proj, fp16 = _huge_fp16_inputs(cross_tokenizer)
     logits = fp16["student_hidden"].float() @ fp16["student_lm_head"].float().T
     assert logits.abs().max() > FP16_MAX  # the case is what it claims: fp16 cannot hold these
-    config = DSKDLossConfig(cross_tokenizer=cross_tokenizer, chunk_size=5)
+    config = DSKDLossConfig(cross_tokenizer=cross_tokenizer, token_alignment="cma", chunk_size=5)
     f32 = _as_float32(fp16)
 
     out16 = dskd_loss(proj, **fp16, config=config)
@@ -430,7 +430,7 @@ def test_malformed_rows_pass_the_builder_and_the_loss_without_nan(assets):
         )
     torch.manual_seed(0)
     proj = Projectors(student.config.hidden_size, teacher.config.hidden_size, cross_tokenizer=True)
-    config = DSKDLossConfig(cross_tokenizer=True, chunk_size=16)
+    config = DSKDLossConfig(cross_tokenizer=True, token_alignment="cma", chunk_size=16)
 
     def loss_of(keep: list[int]):
         return dskd_loss(

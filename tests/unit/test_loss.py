@@ -47,6 +47,10 @@ class Case:
     last piece), ``-1`` on padding."""
 
     def config(self, **kw) -> DSKDLossConfig:
+        """The loss settings; a cross-tokenizer case pairs its tokens by cross-model attention
+        unless ``token_alignment`` says otherwise (the reference's sections 3 and 3b)."""
+        if self.cross_tokenizer:
+            kw.setdefault("token_alignment", "cma")
         return DSKDLossConfig(cross_tokenizer=self.cross_tokenizer, **kw)
 
     def trainable(self) -> dict[str, Tensor]:

@@ -26,7 +26,7 @@ NOT_DEFAULT = {
     "akl_alpha": 0.7,
     "chunk_size": 17,
     "compile": True,
-    "token_alignment": "exact",
+    "token_alignment": "cma",
 }
 """A value other than the default for every loss setting with a YAML key."""
 
