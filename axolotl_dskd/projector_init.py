@@ -58,7 +58,12 @@ def logit_equivalent_projectors(
             raise ValueError(f"{name} ids out of range for a {head.shape[0]}-row LM head")
     device = a_head.device
     rows = max(1, chunk_elements // max(a_head.shape[1], b_head.shape[1]))
-    a_sums, b_sums = _Sums.of(a_head, rows, device), _Sums.of(b_head, rows, device)
+    # a row that is not finite (a broken checkpoint) takes no part: the run's own checks name it
+    a_finite, b_finite = _finite_rows(a_head, rows), _finite_rows(b_head, rows)
+    keep = a_finite[student_ids.to(a_finite.device)].cpu() & b_finite[teacher_ids.to(b_finite.device)].cpu()
+    student_ids, teacher_ids = student_ids[keep], teacher_ids[keep]
+    a_sums = _Sums.of(a_head, rows, device, a_finite.nonzero().squeeze(1))
+    b_sums = _Sums.of(b_head, rows, device, b_finite.nonzero().squeeze(1))
     a_own, b_own = a_sums.without(a_head, student_ids, rows), b_sums.without(b_head, teacher_ids, rows)
     cross = torch.zeros(a_head.shape[1], b_head.shape[1], dtype=torch.float64, device=device)  # A^T B
     for start in range(0, len(student_ids), rows):
@@ -83,6 +88,10 @@ def logit_equivalent_projectors(
         "t2s_relative_residual": _relative_residual(t2s, gram_a, t2s_cross, t2s_target),
         "s2t_relative_residual": _relative_residual(s2t, gram_b, s2t_cross, s2t_target),
     }
+
+
+def _finite_rows(head: Tensor, rows: int) -> Tensor:
+    return torch.cat([head[i : i + rows].isfinite().all(1) for i in range(0, head.shape[0], rows)])
 
 
 @dataclass

@@ -3,6 +3,7 @@ the least-squares maps between the LM heads' spaces."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -191,3 +192,16 @@ def test_a_token_only_the_student_has_gets_an_ordinary_logit():
     own = logits[:, 200]
     assert (own < logits[:, :200].max(-1).values).all()
     assert own.abs().mean() < logits[:, :200].abs().mean()
+
+
+def test_a_non_finite_head_row_takes_no_part():
+    """A broken checkpoint (an inf LM-head row) must not turn the projectors into NaN before the
+    run's own checks can name the problem."""
+    gen = torch.Generator().manual_seed(4)
+    student_head, teacher_head = torch.randn(50, 8, generator=gen), torch.randn(60, 12, generator=gen)
+    teacher_head[7] = math.inf
+    ids = torch.arange(50)
+    proj = Projectors(8, 12)
+    stats = logit_equivalent_projectors(proj, student_head, teacher_head, ids, ids)
+    assert all(p.isfinite().all() for p in proj.parameters())
+    assert all(math.isfinite(v) for v in stats.values())
