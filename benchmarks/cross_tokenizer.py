@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -142,6 +143,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"| *Teacher (Qwen3 vocabulary)* | | {100 * t['exact_match']:.1f} | {t['answer_nll']:.3f} | | | |"
     )
     v = report["verdict"]
+    share = (
+        f"{100 * v['gain_share']:.0f}%"
+        if math.isfinite(v["gain_share"])
+        else "undefined (no same-vocabulary gain)"
+    )
     lines += [
         "",
         (
@@ -155,7 +161,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"Best cross-tokenizer arm: **{ARMS[v['best']].label}**, per-seed gain over its SFT "
             f"{', '.join(f'{100 * g:+.1f}' for g in v['cross_gains'])} points; same-vocabulary DSKD over its "
             f"SFT {', '.join(f'{100 * g:+.1f}' for g in v['same_vocab_gains'])}; gain share "
-            f"{100 * v['gain_share']:.0f}% (bar: {100 * GAIN_SHARE:.0f}% and a gain on every seed): "
+            f"{share} (bar: {100 * GAIN_SHARE:.0f}% and a gain on every seed): "
             f"{'holds' if v['holds'] else 'does not hold'}."
         ),
         "",
@@ -272,9 +278,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_rows": len(eval_rows),
         "teacher": {k: v for k, v in teacher.items() if k != "examples"},
         "summary": summary,
-        "verdict": verdict(summary, finalists[0])
-        if finalists and {"sft", "dskd", "sft_x"} <= set(names)
-        else {},
+        "verdict": (
+            verdict(summary, max(finalists, key=lambda n: summary[n]["exact_match"]["mean"]))
+            if finalists and {"sft", "dskd", "sft_x"} <= set(names)
+            else {}
+        ),
         "runs": sorted(runs, key=lambda r: (r["arm"], r["seed"])),
         "wall_seconds": round(time.time() - dq.START, 1),
         "jobs": args.jobs,

@@ -90,10 +90,16 @@ ARMS: dict[str, Arm] = {
     "dskd": Arm("DSKD", "student", {}),
     "sft_sp": Arm("SFT only (SP student)", "student_sp", None),
     "dskd_cma": Arm("DSKD cross-tokenizer (SP student)", "student_sp", {}),
+    "dskd_cma_paper": Arm(
+        "DSKD, paper's CMA, random projectors (SP student)",
+        "student_sp",
+        {"dskd_token_alignment": "cma", "dskd_projector_init": "random"},
+    ),
 }
-"""Same-tokenizer arms use the byte-level BPE student; the two last a sentencepiece-style one.
-The distillation arms run with the plugin's defaults (pinv projectors; the cross-tokenizer one
-with the default ``dskd_token_alignment``)."""
+"""Same-tokenizer arms use the byte-level BPE student; the three last a sentencepiece-style one.
+The distillation arms run with the quickstart YAML's settings (exact token alignment, pinv
+projectors: the plugin's defaults); the last one with the paper's cross-model attention and
+randomly initialized projectors instead."""
 
 CLAIMS = [
     ("DSKD beats SFT", "dskd", "sft", False),
@@ -314,6 +320,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         "dskd": "#2a7ab0",
         "sft_sp": "#c7c7c7",
         "dskd_cma": "#3aa17e",
+        "dskd_cma_paper": "#8fd1b5",
     }
     labels = [s[n]["label"].replace(" (SP student)", "\n(SP student)") for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
