@@ -10,18 +10,18 @@ The task (:data:`dskd_devkit.assets.ARITHMETIC`): a digit added to a number belo
 (byte-level BPE) trained on all 800 problems that are not held out, clean. The students (Llama,
 pretrained on counting text only) get 256 of those problems, 15% of them with a wrong answer
 (a careless annotator); LoRA r=16, 400 steps of 16 rows, the paper's DSKD settings (kd_rate 0.5,
-temperature 2, forward KL, projector lr 1e-3). Five arms, same data, steps and seeds:
+temperature 2, forward KL, projector lr 1e-3). Six arms, same data, steps and seeds:
 
 1. ``sft``: SFT only (no teacher), BPE student
 2. ``vanilla_kd``: ``dskd_method: vanilla_kd``, logit KD against the teacher, same tokenizer
 3. ``dskd``: DSKD, same tokenizer
-4. ``sft_sp``: SFT only, a student with a sentencepiece-style tokenizer (5's baseline)
-5. ``dskd_cma``: DSKD with cross-model attention, that sentencepiece-style student
+4. ``sft_sp``: SFT only, a student with a sentencepiece-style tokenizer (5's and 6's baseline)
+5. ``dskd_cma``: cross-tokenizer DSKD, that student, the YAML's exact alignment and pinv projectors
+6. ``dskd_cma_paper``: the same with the paper's cross-model attention and random projectors
 
 Every run starts from the same student base (LoRA's B is zero at first). ``seed:`` sets the
-data order, and in the distillation runs the LoRA A initialization too: the plugin seeds before
-the adapter is built, while Axolotl seeds only once the trainer exists, so the SFT runs draw a
-fresh A each time and are not bit-reproducible. Each student is scored on the 200 held-out problems: greedy
+data order and the LoRA A initialization: the plugin, listed in every arm (the SFT arms only
+drop the ``dskd_*`` keys), seeds before the adapter is built, so every run repeats to the bit. Each student is scored on the 200 held-out problems: greedy
 exact match (the decoded answer equals the reference) and the reference answer's NLL (per token,
 and per answer: the sum over its tokens, comparable across tokenizers). Mean and sample standard
 deviation over the seeds.
