@@ -34,20 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import distill_quality as dq
-from axolotl_dskd import dolly
-from dskd_devkit import axolotl_runs
-from dskd_devkit.assets import DEFAULT_CACHE, REAL_VOCAB, REAL_VOCAB_NAME, cached_assets
+from dskd_devkit.assets import REAL_VOCAB, REAL_VOCAB_NAME
 
 RESULTS = dq.RESULTS
 WORK = dq.REPO / "outputs" / "cross_tokenizer"
@@ -72,27 +66,6 @@ BASELINES = ("sft", "dskd", "sft_x")
 CROSS = tuple(name for name in ARMS if name not in BASELINES)
 GAIN_SHARE = 0.6
 """The best cross-tokenizer arm's mean gain over its SFT, as a share of same-vocabulary DSKD's."""
-
-
-def run_all(jobs: list[tuple[str, int]], ctx: dict[str, Any]) -> list[dict]:
-    """Train and score ``(arm, seed)`` jobs, ``--jobs`` at a time, distillation runs first."""
-    args = ctx["args"]
-    jobs = sorted(jobs, key=lambda job: not ARMS[job[0]].distills)
-    runs = []
-    with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        pending = [
-            pool.submit(
-                dq.run_one, n, s, ctx["base"], ctx["assets"], ctx["eval_rows"], args, ARMS, REAL_VOCAB
-            )
-            for n, s in jobs
-        ]
-        for done, future in enumerate(futures.as_completed(pending), start=1):
-            r = future.result()
-            how = "reused" if r["reused"] else f"{r['train_seconds']:.0f}s"
-            dq.say(f"[{done}/{len(jobs)}] {ARMS[r['arm']].label}, seed {r['seed']}: exact match "
-                   f"{100 * r['exact_match']:.1f}%, answer NLL {r['answer_nll']:.3f} ({how})")  # fmt: skip
-            runs.append(r)
-    return runs
 
 
 def ranked(runs: list[dict], names: tuple[str, ...]) -> list[str]:
@@ -216,40 +189,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--same-vocab-seeds", type=int, nargs="+", default=None,
         help="seeds of the same-vocabulary reference (default: all); its 151k-vocabulary runs are the slowest",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=None, help="override max_steps of the YAML")
-    parser.add_argument("--jobs", type=int, default=2, help="training runs at once")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
-    parser.add_argument("--work", default=str(WORK))
-    parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--fresh", action="store_true", help="retrain runs that have scores")
+    dq.add_run_arguments(parser, WORK)
     args = parser.parse_args(argv)
     command = " ".join(
         ["python benchmarks/cross_tokenizer.py", *(argv if argv is not None else sys.argv[1:])]
     )
-    os.environ.update(axolotl_runs.OFFLINE_ENV)
+    assets, eval_rows, teacher, base = dq.prepare(args, REAL_VOCAB, REAL_VOCAB_NAME)
 
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    axolotl_runs.quiet_library_logs()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
-    os.chdir(dq.REPO)
-    dq.say(f"[assets] real-vocabulary teacher and students (cached in {DEFAULT_CACHE / REAL_VOCAB_NAME})")
-    assets = cached_assets(
-        REAL_VOCAB, name=REAL_VOCAB_NAME, log=lambda m: dq.say(f"[assets] {m}"), threads=args.threads
-    )
-    assets = {k: v.resolve() for k, v in assets.items()}
-    eval_rows = dolly.read_jsonl(assets["eval"])
-    teacher = dq.evaluate(assets["teacher"], None, eval_rows)
-    dq.say(f"[assets] teacher: held-out exact match {100 * teacher['exact_match']:.1f}%")
-    base = yaml.safe_load(dq.BASE_CONFIG.read_text())
-    ctx = {"args": args, "base": base, "assets": assets, "eval_rows": eval_rows}
+    def run_all(jobs: list[tuple[str, int]]) -> list[dict]:
+        return dq.run_jobs(jobs, args, base, assets, eval_rows, ARMS, REAL_VOCAB)
 
     screen_seed, *other_seeds = args.seeds
     dq.say(f"[screen] {len(args.arms)} arms on seed {screen_seed}")
-    runs = run_all([(n, screen_seed) for n in args.arms], ctx)
+    runs = run_all([(n, screen_seed) for n in args.arms])
     finalists = ranked(runs, CROSS)[: args.finalists]
     dq.say(f"[final] seeds {other_seeds} for the baselines and {', '.join(finalists)}")
     same_vocab_seeds = args.same_vocab_seeds or args.seeds
@@ -259,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in (*BASELINES, *finalists)
         if n in args.arms and (ARMS[n].student != "student" or s in same_vocab_seeds)
     ]
-    runs += run_all(finals, ctx)
+    runs += run_all(finals)
 
     names = [n for n in ARMS if n in args.arms]
     summary = dq.summarize(runs, names, ARMS)

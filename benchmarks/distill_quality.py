@@ -360,20 +360,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+def add_run_arguments(parser: argparse.ArgumentParser, work: Path) -> None:
+    """The options every quality benchmark shares: steps, parallelism, folders, reuse."""
     parser.add_argument("--steps", type=int, default=None, help="override max_steps of the YAML")
     parser.add_argument("--jobs", type=int, default=2, help="training runs at once")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training run")
-    parser.add_argument("--work", default=str(WORK))
+    parser.add_argument("--work", default=str(work))
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--fresh", action="store_true", help="retrain runs that have scores")
-    args = parser.parse_args(argv)
-    command = " ".join(
-        ["python benchmarks/distill_quality.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+
+
+def prepare(args: argparse.Namespace, spec: TinySpec, name: str) -> tuple[dict, list[dict], dict, dict]:
+    """Offline, quiet, from the repository root: the cached assets of ``spec``, the held-out rows,
+    the teacher's scores on them and the quickstart YAML the arms start from."""
     os.environ.update(axolotl_runs.OFFLINE_ENV)  # before transformers is imported
 
     import torch
@@ -384,27 +383,50 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     os.chdir(REPO)
-    say(f"[assets] teacher and students (cached in {DEFAULT_CACHE / ARITHMETIC_NAME})")
-    assets = cached_assets(
-        ARITHMETIC, name=ARITHMETIC_NAME, log=lambda m: say(f"[assets] {m}"), threads=args.threads
-    )
+    say(f"[assets] teacher and students (cached in {DEFAULT_CACHE / name})")
+    assets = cached_assets(spec, name=name, log=lambda m: say(f"[assets] {m}"), threads=args.threads)
     assets = {k: v.resolve() for k, v in assets.items()}
     eval_rows = dolly.read_jsonl(assets["eval"])
     teacher = evaluate(assets["teacher"], None, eval_rows)
     say(f"[assets] teacher: held-out exact match {100 * teacher['exact_match']:.1f}%")
-    base = yaml.safe_load(BASE_CONFIG.read_text())
+    return assets, eval_rows, teacher, yaml.safe_load(BASE_CONFIG.read_text())
 
-    # the distillation runs (the longer ones) first: fewer runs left alone on a core at the end
-    jobs = sorted(((n, s) for s in args.seeds for n in args.arms), key=lambda job: not ARMS[job[0]].distills)
+
+def run_jobs(
+    jobs: list[tuple[str, int]],
+    args: argparse.Namespace,
+    base: dict,
+    assets: dict[str, Path],
+    eval_rows: list[dict],
+    arms: dict[str, Arm] = ARMS,
+    spec: TinySpec = ARITHMETIC,
+) -> list[dict]:
+    """Train and score ``(arm, seed)`` jobs, ``--jobs`` at a time. The distillation runs (the
+    longer ones) go first: fewer runs left alone on a core at the end."""
+    jobs = sorted(jobs, key=lambda job: not arms[job[0]].distills)
     runs: list[dict] = []
     with futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        pending = [pool.submit(run_one, n, s, base, assets, eval_rows, args) for n, s in jobs]
+        pending = [pool.submit(run_one, n, s, base, assets, eval_rows, args, arms, spec) for n, s in jobs]
         for done, future in enumerate(futures.as_completed(pending), start=1):
             r = future.result()
             how = "reused" if r["reused"] else f"{r['train_seconds']:.0f}s"
-            say(f"[{done}/{len(jobs)}] {ARMS[r['arm']].label}, seed {r['seed']}: exact match "
+            say(f"[{done}/{len(jobs)}] {arms[r['arm']].label}, seed {r['seed']}: exact match "
                 f"{100 * r['exact_match']:.1f}%, answer NLL {r['answer_nll']:.3f} ({how})")  # fmt: skip
             runs.append(r)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    add_run_arguments(parser, WORK)
+    args = parser.parse_args(argv)
+    command = " ".join(
+        ["python benchmarks/distill_quality.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    assets, eval_rows, teacher, base = prepare(args, ARITHMETIC, ARITHMETIC_NAME)
+    runs = run_jobs([(n, s) for s in args.seeds for n in args.arms], args, base, assets, eval_rows)
 
     summary = summarize(runs, args.arms)
     report = {
