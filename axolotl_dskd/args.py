@@ -77,6 +77,13 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
         "head reproduces the other's logits on the tokens both vocabularies share (DSKDv2); "
         "random: nn.Linear's initialization. Ignored when dskd_projectors is set.",
     )
+    dskd_teacher_chat_template: str = Field(
+        default="auto",
+        description="How the teacher reads chat_template datasets in cross-tokenizer runs. auto: "
+        "in the teacher tokenizer's own chat template (the student's rendering if it has none); "
+        "a Jinja string, a file, or one of Axolotl's chat_template names: in that template; "
+        "student: the student's rendering, re-tokenized.",
+    )
     dskd_on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop",
         description="A NaN/inf loss term stops the run naming the term and step, or skips the micro-batch.",

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 from axolotl.integrations.base import BasePlugin
-from transformers import AutoConfig, AutoTokenizer, TrainingArguments, set_seed
+from transformers import AutoConfig, TrainingArguments, set_seed
 
+from axolotl_dskd import chat_data
 from axolotl_dskd.args import training_args
+from axolotl_dskd.chat_data import teacher_tokenizer as load_teacher_tokenizer
 from axolotl_dskd.loss import Projectors
 from axolotl_dskd.models import causal_lm, lm_head_weight
 from axolotl_dskd.projector_init import logit_equivalent_projectors
@@ -64,19 +66,17 @@ def warn_special_token_differences(student_tokenizer: Any, teacher_tokenizer: An
         )
 
 
-def _teacher_tokenizer(cfg: Any):  # type: ignore[no-untyped-def]
-    return AutoTokenizer.from_pretrained(
-        cfg.dskd_teacher_tokenizer or cfg.dskd_teacher,
-        trust_remote_code=cfg.dskd_teacher_trust_remote_code,
-    )
-
-
 class DSKDPlugin(BasePlugin):
     """Dual-Space Knowledge Distillation from a (4/8-bit) teacher, across tokenizers."""
 
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Any = None
+
+    def register(self, cfg: Any) -> None:
+        """Hook the teacher's chat rendering into Axolotl's dataset preparation (acts only in runs
+        that use it, see :mod:`axolotl_dskd.chat_data`)."""
+        chat_data.install()
 
     def get_input_args(self) -> str:
         return "axolotl_dskd.args.DSKDArgs"
@@ -107,7 +107,7 @@ class DSKDPlugin(BasePlugin):
         from axolotl_dskd.collator import collator_class
         from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
 
-        teacher_tokenizer = _teacher_tokenizer(cfg)
+        teacher_tokenizer = load_teacher_tokenizer(cfg)
         builder = TeacherTokenBuilder(
             load_tokenizer(cfg),
             teacher_tokenizer,
@@ -133,8 +133,8 @@ class DSKDPlugin(BasePlugin):
             _PAIRING[trainer.loss_config.token_alignment] if cross_tokenizer else "same vocabulary",
             cfg.dskd_teacher,
         )
-        teacher_tokenizer = _teacher_tokenizer(cfg)
-        if cross_tokenizer:
+        teacher_tokenizer = load_teacher_tokenizer(cfg)
+        if report_chat_rendering(cfg, trainer, teacher_tokenizer):
             warn_special_token_differences(trainer.processing_class, teacher_tokenizer)
         teacher = load_teacher(
             cfg.dskd_teacher,
@@ -165,6 +165,40 @@ class DSKDPlugin(BasePlugin):
     def post_train(self, cfg: Any, model: Any) -> None:
         if self._trainer is not None:
             self._trainer.save_projectors(cfg.output_dir)
+
+
+def report_chat_rendering(cfg: Any, trainer: Any, teacher_tokenizer: Any) -> bool:
+    """Say once how the teacher reads chat data; whether it reads the student's rendering in a
+    cross-tokenizer run (so that the student's markers reach it as text)."""
+    cross_tokenizer = trainer.loss_config.cross_tokenizer
+    if cross_tokenizer and chat_data.uses_teacher_template(cfg):
+        for split, dataset in (("training", trainer.train_dataset), ("evaluation", trainer.eval_dataset)):
+            counts = chat_data.fallback_count(dataset)
+            if counts is not None:
+                LOG.info(
+                    "DSKD: the teacher reads chat data in its own chat template; %d of %d %s samples "
+                    "fall back to the student's rendering (a template that cannot render them, or "
+                    "another dataset type)", *counts, split,
+                )  # fmt: skip
+        return False
+    chat = [d for d in cfg.datasets or [] if str(d.get("type") or "").startswith("chat_template")]
+    if not chat:
+        return cross_tokenizer
+    if cross_tokenizer:
+        LOG.info(
+            "DSKD: the teacher reads chat data in the student's chat template (%s: %s%s)",
+            chat_data.KEY, cfg.dskd_teacher_chat_template,
+            ", the teacher's tokenizer has no chat template" if cfg.dskd_teacher_chat_template == "auto" else "",
+        )  # fmt: skip
+        return True
+    teacher_template = chat_data.resolve_template(cfg.dskd_teacher_chat_template, teacher_tokenizer)
+    student_template = getattr(trainer.processing_class, "chat_template", None)
+    if teacher_template is not None and teacher_template != student_template:
+        LOG.info(
+            "DSKD: teacher and student share a vocabulary but not a chat template; with one "
+            "vocabulary positions pair one to one, so the teacher reads the student's rendering"
+        )
+    return False
 
 
 def initialize_by_logit_equivalence(

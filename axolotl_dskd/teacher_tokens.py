@@ -41,8 +41,11 @@ and including them cover the same text, so that both hidden states have read the
 predict the same continuation. Each side's token ends are measured as byte offsets inside a
 shared text run (from the bytes each vocabulary entry stands for, :mod:`axolotl_dskd.vocabulary`)
 and matched; the tokens of a run whose bytes do not spell its text, the student's BOS and
-padding, and the teacher's own BOS get no partner. The offsets are taken within each piece of text both sides share, today
-the runs of one sample, so the rule carries over to two renderings that share only some pieces.
+padding, and the teacher's own BOS get no partner.
+
+Chat samples the teacher reads in its own chat template are not rebuilt here: their teacher
+tokens, labels and partners were made with the dataset (:mod:`axolotl_dskd.teacher_chat`, the same
+rule over each message's content) and are only placed into the row, packed and truncated alike.
 
 Framework-free: torch and a Hugging Face tokenizer only, picklable for DataLoader workers.
 """
@@ -57,6 +60,7 @@ from typing import Any
 import torch
 
 from axolotl_dskd.loss import IGNORE_INDEX
+from axolotl_dskd.teacher_chat import TeacherChatSample
 from axolotl_dskd.vocabulary import token_bytes
 
 __all__ = [
@@ -91,6 +95,8 @@ class RoundTripStats:
     trained_tokens: int = 0
     """Trained student tokens, and of those, the ones with an exact teacher partner."""
     aligned_tokens: int = 0
+    teacher_rendered: int = 0
+    """Samples the teacher read in its own chat template (prepared with the dataset)."""
     examples: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
@@ -295,10 +301,20 @@ class TeacherTokenBuilder:
         partners = [-1] * len(ids)
         for k, j in enumerate(self._partners(kept, pieces, spans, t_ids)):
             partners[kept_at[k]] = j
-        trained = [i for i in range(len(ids) - 1) if labels[i + 1] != IGNORE_INDEX]
+        self._count_aligned(labels, partners)
+        return _Sample(t_ids, t_labels, partners)
+
+    def _prepared(self, sample: TeacherChatSample, labels: list[int]) -> _Sample:
+        """A sample whose teacher reading was prepared with the dataset (its own chat template)."""
+        self.stats.samples += 1
+        self.stats.teacher_rendered += 1
+        self._count_aligned(labels, sample.alignment)
+        return _Sample(sample.input_ids, sample.labels, sample.alignment)
+
+    def _count_aligned(self, labels: list[int], partners: Sequence[int]) -> None:
+        trained = [i for i in range(len(labels) - 1) if labels[i + 1] != IGNORE_INDEX]
         self.stats.trained_tokens += len(trained)
         self.stats.aligned_tokens += sum(partners[i] >= 0 for i in trained)
-        return _Sample(t_ids, t_labels, partners)
 
     def _pieces(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[_Piece], list[int]]:
         """Drop BOS / pad, make EOS its own piece, and group the rest into maximal runs. Also
@@ -477,13 +493,21 @@ class TeacherTokenBuilder:
 
     # -- a batch ------------------------------------------------------------------------------------
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        batch: Mapping[str, Any],
+        prepared: Sequence[Sequence[TeacherChatSample | None]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The teacher's tokens of a student batch, to merge into the batch.
 
         Args:
             batch: A collated student batch: ``input_ids`` and ``labels`` ``[B, L]`` (``-100``
                 untrained), optionally ``attention_mask`` ``[B, L]`` (0 on padding) and
                 ``position_ids`` ``[B, L]`` (a restart begins a packed sample).
+            prepared: Per row, per packed sample in order, the teacher's reading of the sample
+                made with the dataset (:mod:`axolotl_dskd.teacher_chat`), or ``None`` to rebuild
+                it from the student's tokens as above. A row whose sample count differs (position
+                ids that do not restart per sample) is rebuilt whole.
 
         Returns:
             Only the new keys: ``teacher_input_ids``, ``teacher_attention_mask``,
@@ -502,12 +526,15 @@ class TeacherTokenBuilder:
         pos = batch.get("position_ids")
         pos_rows = torch.as_tensor(pos).tolist() if pos is not None else [None] * len(ids_rows)
 
+        prepared_rows = prepared if prepared is not None else [None] * len(ids_rows)
         student_segments: list[list[int]] = []
         rows: list[_Row] = []
-        for ids, labels, mask_row, pos_row in zip(ids_rows, label_rows, mask_rows, pos_rows):
+        for ids, labels, mask_row, pos_row, readings in zip(
+            ids_rows, label_rows, mask_rows, pos_rows, prepared_rows
+        ):
             segments = sample_segments(mask_row, pos_row)
             student_segments.append(segments)
-            rows.append(self._row(ids, labels, segments))
+            rows.append(self._row(ids, labels, segments, readings))
 
         width = max([len(r.ids) for r in rows] + [1])
         if self.pad_to_multiple_of:
@@ -550,15 +577,23 @@ class TeacherTokenBuilder:
             self.stats.mismatched_runs, self.stats.runs, student_text, teacher_text,
         )  # fmt: skip
 
-    def _row(self, ids: list[int], labels: list[int], segments: list[int]) -> _Row:
+    def _row(
+        self,
+        ids: list[int],
+        labels: list[int],
+        segments: list[int],
+        readings: Sequence[TeacherChatSample | None] | None = None,
+    ) -> _Row:
         """Teacher ids, labels, positions and segments of one (packed) row, truncated, and the
         exact partner of each student position in it."""
         positions: dict[int, list[int]] = {}
         for i, seg in enumerate(segments):
             if seg >= 0:
                 positions.setdefault(seg, []).append(i)
+        if readings is None or len(readings) != len(positions):
+            readings = [None] * len(positions)
         row = _Row(alignment=[-1] * len(ids))
-        for seg in sorted(positions):
+        for seg, reading in zip(sorted(positions), readings):
             room = max(self.max_length - len(row.ids), 0)
             if room == 0:  # nothing of it fits: skip the work
                 self.stats.samples += 1
@@ -566,7 +601,11 @@ class TeacherTokenBuilder:
                 self.stats.samples_without_trained += 1
                 continue
             at = positions[seg]
-            sample = self._sample([ids[i] for i in at], [labels[i] for i in at])
+            seg_labels = [labels[i] for i in at]
+            if reading is not None and len(reading.alignment) == len(at):
+                sample = self._prepared(reading, seg_labels)
+            else:
+                sample = self._sample([ids[i] for i in at], seg_labels)
             if len(sample.ids) > room:
                 self.stats.truncated_samples += 1
             s_ids, s_labels = sample.ids[:room], sample.labels[:room]

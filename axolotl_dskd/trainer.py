@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback
 from typing_extensions import override
 
 from axolotl_dskd.args import loss_config
+from axolotl_dskd.chat_data import TEACHER_COLUMNS
 from axolotl_dskd.loss import (
     IGNORE_INDEX,
     METRIC_NAMES,
@@ -104,6 +105,14 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         self._last_projector_save: tuple[str, int] | None = None
         # the loss is a sum over tokens divided by the trainer's global token count
         self.model_accepts_loss_kwargs = True
+
+    @override
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the teacher's prepared columns (chat data in the teacher's own template) through
+        the Trainer's removal of columns the model does not take: the collator reads them."""
+        super()._set_signature_columns_if_needed()
+        missing = [name for name in TEACHER_COLUMNS if name not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *missing]
 
     def attach_teacher(self, teacher: nn.Module, projectors: Projectors | None) -> None:
         """Distill from ``teacher`` from now on; called once, before training starts.

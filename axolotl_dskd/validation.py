@@ -50,6 +50,7 @@ def check_teacher_setup(cfg: Any) -> None:
         cfg.dskd_cross_tokenizer = not info.same_vocabulary
     if cfg.dskd_cross_tokenizer and cfg.dskd_token_alignment != "cma":
         check_token_bytes_readable(student_tokenizer, info.tokenizer, cfg.dskd_token_alignment)
+    check_teacher_chat_template(cfg, student_tokenizer, info.tokenizer)
     sequence_len = getattr(cfg, "sequence_len", None)
     if info.max_length is not None and sequence_len and info.max_length < sequence_len:
         raise ValueError(
@@ -73,6 +74,43 @@ def check_token_bytes_readable(student_tokenizer: Any, teacher_tokenizer: Any, a
                 f"tokenizer ({type(tokenizer).__name__}) has no fast (Rust) backend to read them "
                 "from. Use a fast tokenizer, or set dskd_token_alignment: cma."
             )
+
+
+def check_teacher_chat_template(cfg: Any, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """``dskd_teacher_chat_template``: a template that exists and compiles, and tokenizers whose
+    bytes can be read (the two renderings are aligned by byte offsets). ``auto`` resolves to
+    ``student`` where they cannot be."""
+    from jinja2 import TemplateError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from axolotl_dskd.chat_data import KEY, resolve_template
+    from axolotl_dskd.vocabulary import token_bytes
+
+    setting = cfg.dskd_teacher_chat_template
+    template = resolve_template(setting, teacher_tokenizer)
+    if template is None or not cfg.dskd_cross_tokenizer:
+        return
+    try:
+        _compile_jinja_template(template)
+    except TemplateError as exc:
+        raise ValueError(
+            f"{KEY}: the teacher's chat template does not compile ({exc}). Fix it, or set {KEY}: student."
+        ) from exc
+    for role, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+        if token_bytes(tokenizer) is not None:
+            continue
+        if setting == "auto":
+            LOG.info(
+                "DSKD: the %s's tokenizer is not a fast one; the teacher reads the student's chat rendering",
+                role,
+            )
+            cfg.dskd_teacher_chat_template = "student"
+            return
+        raise ValueError(
+            f"{KEY}: {setting!r} needs the bytes of each token to align the teacher's rendering "
+            f"with the student's, but the {role}'s tokenizer ({type(tokenizer).__name__}) has no "
+            f"fast (Rust) backend. Use a fast tokenizer, or set {KEY}: student."
+        )
 
 
 def check_projectors_fit(cfg: Any, teacher_hidden_size: int) -> None:

