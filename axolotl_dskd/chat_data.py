@@ -157,8 +157,12 @@ def with_teacher_columns(strategy: Any, cfg: Any) -> Any:
     columns when this run uses the teacher's template."""
     from axolotl.prompt_strategies.chat_template import ChatTemplateStrategy
 
-    if not isinstance(strategy, ChatTemplateStrategy) or strategy.prompter.processor is not None:
-        return strategy  # other types, and multimodal chat, keep the student's rendering
+    if (
+        not isinstance(strategy, ChatTemplateStrategy)
+        or strategy.prompter.processor is not None
+        or not strategy.prompter.chat_template  # mistral-common tokenizes without a template
+    ):
+        return strategy  # other types, multimodal chat and mistral-common keep the student's rendering
     if not uses_teacher_template(cfg):
         return strategy
     renderer = TeacherChatRenderer(

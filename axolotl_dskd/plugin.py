@@ -172,15 +172,19 @@ def report_chat_rendering(cfg: Any, trainer: Any, teacher_tokenizer: Any) -> boo
     cross-tokenizer run (so that the student's markers reach it as text)."""
     cross_tokenizer = trainer.loss_config.cross_tokenizer
     if cross_tokenizer and chat_data.uses_teacher_template(cfg):
+        student_rendered = False
         for split, dataset in (("training", trainer.train_dataset), ("evaluation", trainer.eval_dataset)):
             counts = chat_data.fallback_count(dataset)
-            if counts is not None:
-                LOG.info(
-                    "DSKD: the teacher reads chat data in its own chat template; %d of %d %s samples "
-                    "fall back to the student's rendering (a template that cannot render them, or "
-                    "another dataset type)", *counts, split,
-                )  # fmt: skip
-        return False
+            if counts is None:  # no chat data: every sample is the student's rendering
+                student_rendered |= dataset is not None
+                continue
+            LOG.info(
+                "DSKD: the teacher reads chat data in its own chat template; %d of %d %s samples "
+                "fall back to the student's rendering (a template that cannot render them, or "
+                "another dataset type)", *counts, split,
+            )  # fmt: skip
+            student_rendered |= counts[0] > 0
+        return student_rendered
     chat = [d for d in cfg.datasets or [] if str(d.get("type") or "").startswith("chat_template")]
     if not chat:
         return cross_tokenizer
