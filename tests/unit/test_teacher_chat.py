@@ -7,6 +7,7 @@ config), batches made by the plugin's collator.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,31 @@ def test_bad_teacher_template_is_refused_by_key(assets, tmp_path, value, says):
         dskd_config(assets, tmp_path, student="student_sp", dskd_teacher_chat_template=value), tmp_path
     )
     assert "dskd_teacher_chat_template" in message and says in message
+
+
+def test_sharegpt_rows_with_per_message_training(real_tokenizer, tmp_path):
+    """ShareGPT-style rows (``from``/``value``, ``human``/``gpt`` roles mapped by Axolotl) with a
+    per-message training flag: the teacher trains exactly the turns the student trains."""
+    real_tokenizer("llama3"), real_tokenizer("qwen3")
+    conversation = [
+        {"from": "system", "value": "You answer briefly."},
+        {"from": "human", "value": "What is 12 + 30?"},
+        {"from": "gpt", "value": "12 + 30 = 42.", "train": False},
+        {"from": "human", "value": "And 2 + 2?"},
+        {"from": "gpt", "value": "Four.", "train": True},
+    ]
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text(json.dumps({"conversations": conversation}) + "\n")
+    dataset = {
+        **chat_dataset("qwen3", data), "field_messages": "conversations", "message_field_training": "train",
+        "message_property_mappings": {"role": "from", "content": "value"},
+    }  # fmt: skip
+    p = prepare(tmp_path, "qwen3", "llama3", [], datasets=[dataset])
+    [row] = p.dataset
+    assert trained_runs(p.student_tokenizer, row["input_ids"], row["labels"]) == ["Four.<|im_end|>"]
+    assert trained_runs(p.teacher_tokenizer, row["dskd_teacher_input_ids"], row["dskd_teacher_labels"]) == [
+        "Four.<|eot_id|>"
+    ]
+    assert "<|start_header_id|>user<|end_header_id|>\n\nAnd 2 + 2?" in p.teacher_tokenizer.decode(
+        row["dskd_teacher_input_ids"]
+    )
