@@ -146,8 +146,7 @@ class TeacherChatRenderer:
         teacher = self._measure(self._t_bytes, teacher_ids, t_text, messages, "teacher")
 
         shared = [k for k in student.spans if k in teacher.spans]
-        s_regions = self._regions(student, shared)
-        t_regions = self._regions(teacher, shared)
+        s_regions, t_regions = self._regions(student, shared), self._regions(teacher, shared)
         s_trained = [label != IGNORE_INDEX for label in student_labels]
         for k in set(student.spans) - set(teacher.spans):
             start, _, _, end = student.spans[k]
@@ -155,22 +154,9 @@ class TeacherChatRenderer:
                 raise UnrenderableSample(
                     f"the teacher's template drops message {k}, which the student trains on"
                 )
-
-        t_trained = [False] * len(teacher_ids)
-        for j, region in enumerate(t_regions):
-            if region % 2:
-                t_trained[j] = self._content_trained(student, teacher, shared[region // 2], j, s_trained)
-        s_gaps, t_gaps = _by_gap(s_regions), _by_gap(t_regions)
-        for region, t_tokens in t_gaps.items():
-            s_tokens = s_gaps.get(region, [])
-            n = sum(s_trained[i] for i in s_tokens)
-            if s_tokens and n == len(s_tokens):
-                for j in t_tokens:
-                    t_trained[j] = True
-            elif n:
-                marker = next((j for j in t_tokens if teacher_ids[j] in self._t_special), None)
-                if marker is not None:
-                    t_trained[marker] = True
+        t_trained = self._teacher_trained(
+            student, teacher, shared, s_regions, t_regions, s_trained, teacher_ids
+        )
         if any(s_trained) and not any(t_trained):
             raise UnrenderableSample("no teacher token is trained where the student trains")
 
@@ -180,6 +166,34 @@ class TeacherChatRenderer:
             at_key.get(key, -1) if key else -1 for key in _content_offsets(student, s_regions, shared)
         ]
         return TeacherChatSample(teacher_ids, labels, alignment)
+
+    def _teacher_trained(
+        self,
+        student: _Rendering,
+        teacher: _Rendering,
+        shared: list[int],
+        s_regions: list[int],
+        t_regions: list[int],
+        s_trained: list[bool],
+        teacher_ids: list[int],
+    ) -> list[bool]:
+        """Which teacher tokens are trained: content by content byte, template text by stretch."""
+        t_trained = [False] * len(teacher_ids)
+        for j, region in enumerate(t_regions):
+            if region % 2:
+                t_trained[j] = self._content_trained(student, teacher, shared[region // 2], j, s_trained)
+        s_gaps = _by_gap(s_regions)
+        for region, t_tokens in _by_gap(t_regions).items():
+            s_tokens = s_gaps.get(region, [])
+            n = sum(s_trained[i] for i in s_tokens)
+            if s_tokens and n == len(s_tokens):
+                for j in t_tokens:
+                    t_trained[j] = True
+            elif n:
+                marker = next((j for j in t_tokens if teacher_ids[j] in self._t_special), None)
+                if marker is not None:
+                    t_trained[marker] = True
+        return t_trained
 
     # -- measuring a rendering ----------------------------------------------------------------------
 
