@@ -16,7 +16,7 @@ import pytest
 
 from axolotl_dskd.chat_data import TEACHER_COLUMNS, fallback_count
 from axolotl_dskd.loss import IGNORE_INDEX
-from dskd_devkit.axolotl_runs import dskd_config, load_config, refusal
+from dskd_devkit.axolotl_runs import dskd_config, dskd_trainer, load_config, refusal
 from dskd_devkit.chat_pairs import (
     CONVERSATIONS,
     END_OF_TURN,
@@ -163,15 +163,19 @@ def test_partners_have_read_the_same_content(prepared, student, teacher):
     assert aligned / trained > 0.6, (aligned, trained)
 
 
-def collate(p: Prepared, features: list, *, packed: bool) -> tuple[dict, Any]:
-    """A batch from the plugin's collator for this config (packed: one row of ``features``)."""
+def make_collator(p: Prepared, *, packed: bool) -> Any:
+    """The plugin's collator for this config (packed: the multipack one)."""
     from axolotl.integrations.base import PluginManager
 
-    cfg = p.cfg
-    cfg.sample_packing = packed
-    cls, kwargs = PluginManager.get_instance().get_collator_cls_and_kwargs(cfg)
-    collator = cls(tokenizer=p.student_tokenizer, padding=True, return_tensors="pt", **kwargs)
-    return collator(features), kwargs["teacher_tokens"]
+    p.cfg.sample_packing = packed
+    cls, kwargs = PluginManager.get_instance().get_collator_cls_and_kwargs(p.cfg)
+    return cls(tokenizer=p.student_tokenizer, padding=True, return_tensors="pt", **kwargs)
+
+
+def collate(p: Prepared, features: list, *, packed: bool) -> tuple[dict, Any]:
+    """A batch from the plugin's collator (packed: one row of ``features``), and its builder."""
+    collator = make_collator(p, packed=packed)
+    return collator(features), collator.teacher_tokens
 
 
 def test_packed_samples_stay_apart(prepared):
@@ -303,3 +307,35 @@ def test_sharegpt_rows_with_per_message_training(real_tokenizer, tmp_path):
     assert "<|start_header_id|>user<|end_header_id|>\n\nAnd 2 + 2?" in p.teacher_tokenizer.decode(
         row["dskd_teacher_input_ids"]
     )
+
+
+def test_the_trainer_hands_the_teacher_columns_to_the_collator(prepared):
+    """Unpacked, the Trainer drops the dataset columns the model's forward does not take; the
+    teacher's reach the collator, which places them instead of rebuilding the samples."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = prepared["llama3", "qwen3"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(p.cfg.base_model))
+    collator = make_collator(p, packed=False)
+    trainer = dskd_trainer(
+        model, model, None, train_dataset=p.dataset, data_collator=collator, remove_unused_columns=True,
+        per_device_train_batch_size=len(p.dataset), dskd_cross_tokenizer=True,
+    )  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert collator.teacher_tokens.stats.teacher_rendered == len(p.dataset)
+    assert not set(TEACHER_COLUMNS) & set(batch)
+
+
+def test_a_teacher_row_longer_than_its_context_is_cut(prepared):
+    """Truncated to the teacher's context, a row keeps a prefix of the teacher's rendering and no
+    student token is paired with a position that was cut."""
+    p = prepared["qwen3", "llama3"]
+    rows = [dict(r) for r in p.dataset]
+    collator = make_collator(p, packed=False)
+    collator.teacher_tokens.max_length = limit = 20
+    batch = collator(rows)
+    for b, row in enumerate(rows):
+        kept = row["dskd_teacher_input_ids"][:limit]
+        assert batch["teacher_input_ids"][b, : len(kept)].tolist() == kept
+        assert int(batch["teacher_attention_mask"][b].sum()) == len(kept)
+        assert max(batch["token_alignment"][b].tolist()) < len(kept)
