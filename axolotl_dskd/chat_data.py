@@ -13,7 +13,7 @@ registers):
 - the prepared-dataset fingerprint, which ignores ``dskd_*`` keys: with the columns it also
   covers the teacher and its template, so changing either prepares the data anew.
 
-Both act only in runs that use the teacher's template (:func:`uses_teacher_template`) and are
+Both act only in runs that use the teacher's template (:func:`teacher_template`) and are
 otherwise Axolotl's own functions, unchanged.
 """
 
@@ -77,24 +77,20 @@ def resolve_template(setting: str, tokenizer: Any) -> str | None:
     )
 
 
-def uses_teacher_template(cfg: Any) -> bool:
-    """Whether this run gives the teacher its own rendering of chat data (cross-tokenizer, a
-    teacher template to render with)."""
+def teacher_template(cfg: Any) -> str | None:
+    """The template the teacher renders this run's chat data with; ``None`` when it reads the
+    student's rendering (one vocabulary, no teacher template, ``student``, RL)."""
     if not cfg.get("dskd_teacher") or cfg.get("dskd_cross_tokenizer") is not True or cfg.get("rl"):
-        return False
-    return _teacher_template(cfg) is not None
-
-
-def _teacher_template(cfg: Any) -> str | None:
+        return None
     return resolve_template(cfg.get(KEY) or "auto", teacher_tokenizer(cfg))
 
 
 def fingerprint(cfg: Any) -> str | None:
     """What the teacher columns depend on beyond Axolotl's own fingerprint (``None`` when the run
     adds no columns): the teacher, its tokenizer and its template."""
-    if not uses_teacher_template(cfg):
+    template = teacher_template(cfg)
+    if template is None:
         return None
-    template = _teacher_template(cfg) or ""
     return json.dumps(
         {
             "teacher": cfg.dskd_teacher,
@@ -163,12 +159,13 @@ def with_teacher_columns(strategy: Any, cfg: Any) -> Any:
         or not strategy.prompter.chat_template  # mistral-common tokenizes without a template
     ):
         return strategy  # other types, multimodal chat and mistral-common keep the student's rendering
-    if not uses_teacher_template(cfg):
+    template = teacher_template(cfg)
+    if template is None:
         return strategy
     renderer = TeacherChatRenderer(
         strategy.tokenizer,
         teacher_tokenizer(cfg),
-        _teacher_template(cfg),  # type: ignore[arg-type]
+        template,
         student_template=strategy.prompter.chat_template,
         template_kwargs=strategy.prompter.chat_template_kwargs,
     )
@@ -213,8 +210,9 @@ def fallback_count(dataset: Any) -> tuple[int, int] | None:
 
 
 def columns_of(feature: dict[str, Any]) -> TeacherChatSample | None:
-    """The teacher's reading of one dataset row, or ``None`` (the student's rendering)."""
-    if feature[TEACHER_COLUMNS[0]] is None:
+    """The teacher's reading of one dataset row, or ``None`` (the student's rendering: no
+    columns, null or empty ones)."""
+    if feature.get(TEACHER_COLUMNS[0]) is None:
         return None
     values = [np.asarray(feature[name]).tolist() for name in TEACHER_COLUMNS]
     return TeacherChatSample(*values) if values[0] else None

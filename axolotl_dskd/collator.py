@@ -19,7 +19,6 @@ from axolotl.utils.collators.batching import (
 )
 
 from axolotl_dskd.chat_data import TEACHER_COLUMNS, columns_of
-from axolotl_dskd.teacher_chat import TeacherChatSample
 from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
 
 
@@ -34,15 +33,11 @@ class _WithTeacherTokens:
             rows = features if isinstance(features[0], list) else [features]
         else:
             rows = [[feature] for feature in features]
-        prepared = [[_reading(f) for f in row] for row in rows]
+        prepared = [[columns_of(f) for f in row] for row in rows]
         stripped = [[{k: v for k, v in f.items() if k not in TEACHER_COLUMNS} for f in row] for row in rows]
         features = stripped if self.packs else [row[0] for row in stripped]
         batch = dict(super().__call__(features, return_tensors=return_tensors))  # type: ignore[misc]
         return {**batch, **self.teacher_tokens(batch, prepared)}
-
-
-def _reading(feature: dict[str, Any]) -> TeacherChatSample | None:
-    return columns_of(feature) if TEACHER_COLUMNS[0] in feature else None
 
 
 @dataclass

@@ -171,7 +171,7 @@ def report_chat_rendering(cfg: Any, trainer: Any, teacher_tokenizer: Any) -> boo
     """Say once how the teacher reads chat data; whether it reads the student's rendering in a
     cross-tokenizer run (so that the student's markers reach it as text)."""
     cross_tokenizer = trainer.loss_config.cross_tokenizer
-    if cross_tokenizer and chat_data.uses_teacher_template(cfg):
+    if cross_tokenizer and chat_data.teacher_template(cfg) is not None:
         student_rendered = False
         for split, dataset in (("training", trainer.train_dataset), ("evaluation", trainer.eval_dataset)):
             counts = chat_data.fallback_count(dataset)

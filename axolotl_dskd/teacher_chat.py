@@ -14,10 +14,10 @@ the teacher's ids and labels and the exact teacher partner of each student token
   lies (found in order; a template that trims a content is matched on the trimmed text).
 - Labels follow the student's: a teacher token ending inside a content is trained iff the student
   token covering the same byte of that content is (a token that begins in template text and
-  reaches no further than the content's leading whitespace is template text). In the template text between two contents,
-  if the student trains all of its tokens the teacher trains all of its own; if it trains some
-  (its end-of-turn marker), the teacher trains its own end-of-turn marker, the first special
-  token of the stretch.
+  reaches no further than the content's leading whitespace is template text). In the template
+  text between two contents, if the student trains all of its tokens the teacher trains all of its
+  own; if it trains some (its end-of-turn marker), the teacher trains its own end-of-turn marker,
+  the first special token of the stretch.
 - A student token and a teacher token that end at the same byte of the same content are partners
   (both have read that content up to there); template text aligns with nothing.
 

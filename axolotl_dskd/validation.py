@@ -48,9 +48,14 @@ def check_teacher_setup(cfg: Any) -> None:
         )
     if cfg.dskd_cross_tokenizer == "auto":
         cfg.dskd_cross_tokenizer = not info.same_vocabulary
-    if cfg.dskd_cross_tokenizer and cfg.dskd_token_alignment != "cma":
-        check_token_bytes_readable(student_tokenizer, info.tokenizer, cfg.dskd_token_alignment)
-    check_teacher_chat_template(cfg, student_tokenizer, info.tokenizer)
+    unreadable = without_token_bytes(student_tokenizer, info.tokenizer) if cfg.dskd_cross_tokenizer else None
+    if unreadable and cfg.dskd_token_alignment != "cma":
+        raise ValueError(
+            f"dskd_token_alignment: {cfg.dskd_token_alignment} needs the bytes of each token, but the "
+            f"{unreadable} has no fast (Rust) backend to read them from. Use a fast tokenizer, or set "
+            "dskd_token_alignment: cma."
+        )
+    check_teacher_chat_template(cfg, info.tokenizer, unreadable)
     sequence_len = getattr(cfg, "sequence_len", None)
     if info.max_length is not None and sequence_len and info.max_length < sequence_len:
         raise ValueError(
@@ -62,29 +67,26 @@ def check_teacher_setup(cfg: Any) -> None:
         check_projectors_fit(cfg, teacher_hidden_size=info.hidden_size)
 
 
-def check_token_bytes_readable(student_tokenizer: Any, teacher_tokenizer: Any, alignment: str) -> None:
-    """Exact alignment measures where tokens end from the bytes each vocabulary entry stands for,
-    which only a Rust-backed (fast) tokenizer exposes."""
+def without_token_bytes(student_tokenizer: Any, teacher_tokenizer: Any) -> str | None:
+    """Which tokenizer, if any, cannot give the bytes each of its tokens stands for (only a
+    Rust-backed, fast one can); exact alignment and the teacher's chat rendering measure token
+    ends with them. Named as messages name it: "student's tokenizer (LlamaTokenizer)"."""
     from axolotl_dskd.vocabulary import token_bytes
 
     for role, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
         if token_bytes(tokenizer) is None:
-            raise ValueError(
-                f"dskd_token_alignment: {alignment} needs the bytes of each token, but the {role}'s "
-                f"tokenizer ({type(tokenizer).__name__}) has no fast (Rust) backend to read them "
-                "from. Use a fast tokenizer, or set dskd_token_alignment: cma."
-            )
+            return f"{role}'s tokenizer ({type(tokenizer).__name__})"
+    return None
 
 
-def check_teacher_chat_template(cfg: Any, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+def check_teacher_chat_template(cfg: Any, teacher_tokenizer: Any, unreadable: str | None) -> None:
     """``dskd_teacher_chat_template``: a template that exists and compiles, and tokenizers whose
-    bytes can be read (the two renderings are aligned by byte offsets). ``auto`` resolves to
-    ``student`` where they cannot be."""
+    bytes can be read (``unreadable``: the one that cannot; the two renderings are aligned by
+    byte offsets). ``auto`` resolves to ``student`` where they cannot be."""
     from jinja2 import TemplateError
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     from axolotl_dskd.chat_data import KEY, resolve_template
-    from axolotl_dskd.vocabulary import token_bytes
 
     setting = cfg.dskd_teacher_chat_template
     template = resolve_template(setting, teacher_tokenizer)
@@ -96,21 +98,17 @@ def check_teacher_chat_template(cfg: Any, student_tokenizer: Any, teacher_tokeni
         raise ValueError(
             f"{KEY}: the teacher's chat template does not compile ({exc}). Fix it, or set {KEY}: student."
         ) from exc
-    for role, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
-        if token_bytes(tokenizer) is not None:
-            continue
-        if setting == "auto":
-            LOG.info(
-                "DSKD: the %s's tokenizer is not a fast one; the teacher reads the student's chat rendering",
-                role,
-            )
-            cfg.dskd_teacher_chat_template = "student"
-            return
-        raise ValueError(
-            f"{KEY}: {setting!r} needs the bytes of each token to align the teacher's rendering "
-            f"with the student's, but the {role}'s tokenizer ({type(tokenizer).__name__}) has no "
-            f"fast (Rust) backend. Use a fast tokenizer, or set {KEY}: student."
-        )
+    if unreadable is None:
+        return
+    if setting == "auto":
+        LOG.info("DSKD: the %s is not a fast one; the teacher reads the student's chat rendering", unreadable)
+        cfg.dskd_teacher_chat_template = "student"
+        return
+    raise ValueError(
+        f"{KEY}: {setting!r} needs the bytes of each token to align the teacher's rendering with the "
+        f"student's, but the {unreadable} has no fast (Rust) backend. Use a fast tokenizer, or set "
+        f"{KEY}: student."
+    )
 
 
 def check_projectors_fit(cfg: Any, teacher_hidden_size: int) -> None:
