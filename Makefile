@@ -19,8 +19,8 @@ test-fast: venv
 	.venv/bin/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 # Axolotl 0.21 on Python 3.12 in .venv-compat/: the unit tests and the CLI runs (same vocabulary
-# with checkpoints, a kill and a resume; cross-tokenizer; packing; full fine-tune with 8-bit teacher)
-# and the two-process torchrun scenarios.
+# with checkpoints, a kill and a resume; cross-tokenizer; packing; full fine-tune with 8-bit teacher),
+# the teacher cache (built with the plugin's command, trained from) and the two-process torchrun scenarios.
 # Another release: make test-compat AXOLOTL_VERSION=0.20.0 VENV=.venv-compat-0.20
 AXOLOTL_VERSION ?= 0.21.0
 VENV ?= .venv-compat
@@ -29,7 +29,8 @@ venv-compat:
 	@AXOLOTL_VERSION=$(AXOLOTL_VERSION) VENV=$(VENV) bash scripts/setup_compat_venv.sh
 
 test-compat: venv-compat
-	$(VENV)/bin/python -m pytest -q tests/unit tests/e2e/test_train_cli.py tests/e2e/test_data_parallel.py $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q tests/unit tests/e2e/test_train_cli.py tests/e2e/test_teacher_cache_cli.py \
+	  tests/e2e/test_data_parallel.py $(PYTEST_ARGS)
 
 lint: venv
 	.venv/bin/ruff check .

@@ -84,6 +84,15 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
         "a Jinja string, a file, or one of Axolotl's chat_template names: in that template; "
         "student: the student's rendering, re-tokenized.",
     )
+    dskd_teacher_cache: str | None = Field(
+        default=None,
+        description="A folder of the teacher's hidden states, built once by `axolotl dskd-cache-teacher "
+        "config.yml`: training then reads them instead of running the teacher.",
+    )
+    dskd_teacher_cache_dtype: Literal["bfloat16", "float32", "int8"] = Field(
+        default="bfloat16",
+        description="How the cache stores the states: bfloat16, float32 (exact) or int8 (one scale per token).",
+    )
     dskd_on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop",
         description="A NaN/inf loss term stops the run naming the term and step, or skips the micro-batch.",
@@ -100,6 +109,11 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
                     "model, or remove the dskd_ keys."
                 )
             return self
+        if "dskd_teacher_cache_dtype" in self.model_fields_set and not self.dskd_teacher_cache:
+            raise ValueError(
+                "dskd_teacher_cache_dtype is set without dskd_teacher_cache: it is how a teacher cache "
+                "stores its states. Set dskd_teacher_cache to the cache folder, or remove the key."
+            )
         if self.dskd_teacher_load_in_4bit and self.dskd_teacher_load_in_8bit:
             raise ValueError(
                 "dskd_teacher_load_in_4bit and dskd_teacher_load_in_8bit are both true; "

@@ -1,9 +1,11 @@
-"""Axolotl's collators plus the teacher's own tokens of each batch (cross-tokenizer runs).
+"""Axolotl's collators plus the teacher's own tokens of each batch (cross-tokenizer runs) and
+its cached hidden states (``dskd_teacher_cache``).
 
 Re-tokenizing happens here, in the data loader workers, off the training step's critical path.
 Chat samples the teacher reads in its own template carry their teacher tokens as dataset columns
 (:mod:`axolotl_dskd.chat_data`): they are taken off the features before Axolotl pads them and
-placed into the teacher's rows.
+placed into the teacher's rows. Cached states are looked up per sample, by the same key the cache
+was built with, and placed where that sample sits in its (packed) row.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from axolotl.monkeypatch.multipack import SUPPORTED_MULTIPACK_MODEL_TYPES
 from axolotl.utils.collators.batching import (
     BatchSamplerDataCollatorForSeq2Seq,
@@ -19,12 +22,16 @@ from axolotl.utils.collators.batching import (
 )
 
 from axolotl_dskd.chat_data import TEACHER_COLUMNS, columns_of
-from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+from axolotl_dskd.loss import DSKDLossConfig
+from axolotl_dskd.teacher_cache import TeacherCache, positions_read, sample_key
+from axolotl_dskd.teacher_tokens import TeacherTokenBuilder, sample_segments
 
 
 @dataclass
-class _WithTeacherTokens:
+class _WithTeacher:
     teacher_tokens: TeacherTokenBuilder | None = None
+    teacher_cache: TeacherCache | None = None
+    loss_config: DSKDLossConfig | None = None
     packs: ClassVar[bool] = False
     """Whether each batch row is a list of samples packed into it (multipack collators)."""
 
@@ -37,21 +44,44 @@ class _WithTeacherTokens:
         stripped = [[{k: v for k, v in f.items() if k not in TEACHER_COLUMNS} for f in row] for row in rows]
         features = stripped if self.packs else [row[0] for row in stripped]
         batch = dict(super().__call__(features, return_tensors=return_tensors))  # type: ignore[misc]
-        return {**batch, **self.teacher_tokens(batch, prepared)}
+        if self.teacher_tokens is not None:
+            batch.update(self.teacher_tokens(batch, prepared))
+        if self.teacher_cache is not None:
+            batch["teacher_hidden"] = self._cached_states(rows, batch)
+        return batch
+
+    def _cached_states(self, rows: list[list[dict[str, Any]]], batch: dict[str, Any]) -> torch.Tensor:
+        """``[B, L_t, d_t]``: each sample's cached states where it sits on the teacher's side."""
+        assert self.teacher_cache is not None and self.loss_config is not None
+        keys = [[sample_key(f, TEACHER_COLUMNS) for f in row] for row in rows]
+        labels = torch.as_tensor(batch["labels"])
+        if "teacher_segment_ids" in batch:  # the teacher reads its own tokens
+            segments = batch["teacher_segment_ids"]
+            read = positions_read(labels, self.loss_config, batch["teacher_labels"], batch["token_alignment"])
+        else:
+            mask = batch.get("attention_mask")
+            mask_rows = (torch.ones_like(labels) if mask is None else torch.as_tensor(mask)).tolist()
+            position_ids = batch.get("position_ids")
+            pos_rows = (
+                [None] * len(mask_rows) if position_ids is None else torch.as_tensor(position_ids).tolist()
+            )
+            segments = torch.tensor([sample_segments(m, p) for m, p in zip(mask_rows, pos_rows)])
+            read = positions_read(labels, self.loss_config)
+        return self.teacher_cache.hidden_states(keys, segments, read)
 
 
 @dataclass
-class DSKDDataCollator(_WithTeacherTokens, DataCollatorForSeq2Seq):
+class DSKDDataCollator(_WithTeacher, DataCollatorForSeq2Seq):
     pass
 
 
 @dataclass
-class DSKDBatchSamplerDataCollator(_WithTeacherTokens, BatchSamplerDataCollatorForSeq2Seq):
+class DSKDBatchSamplerDataCollator(_WithTeacher, BatchSamplerDataCollatorForSeq2Seq):
     packs: ClassVar[bool] = True
 
 
 @dataclass
-class DSKDV2BatchSamplerDataCollator(_WithTeacherTokens, V2BatchSamplerDataCollatorForSeq2Seq):
+class DSKDV2BatchSamplerDataCollator(_WithTeacher, V2BatchSamplerDataCollatorForSeq2Seq):
     packs: ClassVar[bool] = True
 
 

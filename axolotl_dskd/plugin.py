@@ -16,13 +16,14 @@ from axolotl.integrations.base import BasePlugin
 from transformers import AutoConfig, TrainingArguments, set_seed
 
 from axolotl_dskd import chat_data
-from axolotl_dskd.args import training_args
+from axolotl_dskd.args import loss_config, training_args
 from axolotl_dskd.chat_data import teacher_tokenizer as load_teacher_tokenizer
 from axolotl_dskd.loss import Projectors
 from axolotl_dskd.models import causal_lm, lm_head_weight
 from axolotl_dskd.projector_init import logit_equivalent_projectors
 from axolotl_dskd.projector_io import load_projectors
-from axolotl_dskd.teacher import context_length, load_teacher
+from axolotl_dskd.teacher import context_length, load_teacher, load_teacher_head
+from axolotl_dskd.teacher_cache import read_manifest
 from axolotl_dskd.vocabulary import shared_vocabulary
 
 LOG = logging.getLogger(__name__)
@@ -100,20 +101,19 @@ class DSKDPlugin(BasePlugin):
         return DSKDTrainer
 
     def get_collator_cls_and_kwargs(self, cfg: Any, is_eval: bool = False):  # type: ignore[no-untyped-def]
-        if not cfg.dskd_teacher or not cfg.dskd_cross_tokenizer or cfg.rl:
+        """The teacher's tokens of each batch (cross-tokenizer) and its cached states
+        (``dskd_teacher_cache``); otherwise Axolotl's own collator."""
+        if not cfg.dskd_teacher or cfg.rl or not (cfg.dskd_cross_tokenizer or cfg.dskd_teacher_cache):
             return None
-        from axolotl.loaders import load_tokenizer
-
         from axolotl_dskd.collator import collator_class
-        from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+        from axolotl_dskd.teacher_cache import TeacherCache
 
-        teacher_tokenizer = load_teacher_tokenizer(cfg)
-        builder = TeacherTokenBuilder(
-            load_tokenizer(cfg),
-            teacher_tokenizer,
-            max_length=teacher_max_length(cfg),
-        )
-        return collator_class(cfg, is_eval), {"teacher_tokens": builder}
+        kwargs: dict[str, Any] = {"loss_config": loss_config(cfg)}
+        if cfg.dskd_cross_tokenizer:
+            kwargs["teacher_tokens"] = teacher_token_builder(cfg)
+        if cfg.dskd_teacher_cache:
+            kwargs["teacher_cache"] = TeacherCache(cfg.dskd_teacher_cache)
+        return collator_class(cfg, is_eval), kwargs
 
     def pre_model_load(self, cfg: Any) -> None:
         """Seed before the student (and its LoRA) is built: Axolotl seeds only when the trainer
@@ -136,15 +136,7 @@ class DSKDPlugin(BasePlugin):
         teacher_tokenizer = load_teacher_tokenizer(cfg)
         if report_chat_rendering(cfg, trainer, teacher_tokenizer):
             warn_special_token_differences(trainer.processing_class, teacher_tokenizer)
-        teacher = load_teacher(
-            cfg.dskd_teacher,
-            device=trainer.args.device,
-            dtype=teacher_dtype(cfg),
-            load_in_4bit=cfg.dskd_teacher_load_in_4bit,
-            load_in_8bit=cfg.dskd_teacher_load_in_8bit,
-            adapter=cfg.dskd_teacher_adapter,
-            trust_remote_code=cfg.dskd_teacher_trust_remote_code,
-        )
+        teacher = self._load_teacher(cfg, trainer.args.device, cross_tokenizer)
         projectors = None
         if cfg.dskd_method == "dskd":
             projectors = Projectors(
@@ -161,6 +153,30 @@ class DSKDPlugin(BasePlugin):
                 )
         trainer.attach_teacher(teacher, projectors)
         self._trainer = trainer
+
+    @staticmethod
+    def _load_teacher(cfg: Any, device: torch.device, cross_tokenizer: bool) -> torch.nn.Module:
+        """The teacher as configured, or only its LM head and embeddings (``dskd_teacher_cache``)."""
+        if cfg.dskd_teacher_cache:
+            manifest = read_manifest(cfg.dskd_teacher_cache)
+            LOG.info(
+                "DSKD: the teacher's hidden states come from the cache in %s (%d samples, %s); its "
+                "transformer is not loaded", cfg.dskd_teacher_cache, manifest["samples"],
+                manifest["identity"]["storage_dtype"],
+            )  # fmt: skip
+            if manifest["teacher"] != str(cfg.dskd_teacher):
+                LOG.info(
+                    "DSKD: the cache was built from the teacher in %s, which has this teacher's config "
+                    "and tokenizer; the LM head is read from %s", manifest["teacher"], cfg.dskd_teacher,
+                )  # fmt: skip
+            return load_teacher_head(
+                cfg.dskd_teacher,
+                device=device,
+                dtype=teacher_dtype(cfg),
+                with_embeddings=cross_tokenizer,
+                trust_remote_code=cfg.dskd_teacher_trust_remote_code,
+            )
+        return configured_teacher(cfg, device)
 
     def post_train(self, cfg: Any, model: Any) -> None:
         if self._trainer is not None:
@@ -226,6 +242,30 @@ def initialize_by_logit_equivalence(
         len(student_ids), time.time() - started,
         residuals["t2s_relative_residual"], residuals["s2t_relative_residual"],
     )  # fmt: skip
+
+
+def configured_teacher(cfg: Any, device: torch.device) -> torch.nn.Module:
+    """The whole teacher, loaded as the ``dskd_teacher*`` keys say (for training and for caching)."""
+    return load_teacher(
+        cfg.dskd_teacher,
+        device=device,
+        dtype=teacher_dtype(cfg),
+        load_in_4bit=cfg.dskd_teacher_load_in_4bit,
+        load_in_8bit=cfg.dskd_teacher_load_in_8bit,
+        adapter=cfg.dskd_teacher_adapter,
+        trust_remote_code=cfg.dskd_teacher_trust_remote_code,
+    )
+
+
+def teacher_token_builder(cfg: Any) -> Any:
+    """The re-tokenizer of student batches for the teacher (cross-tokenizer runs)."""
+    from axolotl.loaders import load_tokenizer
+
+    from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+
+    return TeacherTokenBuilder(
+        load_tokenizer(cfg), load_teacher_tokenizer(cfg), max_length=teacher_max_length(cfg)
+    )
 
 
 def teacher_max_length(cfg: Any) -> int:

@@ -1,15 +1,22 @@
 """Inspecting and loading the frozen teacher (transformers, PEFT and bitsandbytes only).
 
 :func:`inspect_teacher` reads only configs and tokenizers, so every mistake it can find is
-reported before a single weight is loaded; :func:`load_teacher` then loads the weights.
+reported before a single weight is loaded; :func:`load_teacher` then loads the weights, or
+:func:`load_teacher_head` only the LM head and embeddings (training from a teacher cache).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -164,3 +171,134 @@ def load_teacher(
         ", 4-bit nf4" if load_in_4bit else ", 8-bit" if load_in_8bit else "",
     )
     return model
+
+
+class TeacherHead(nn.Module):
+    """What DSKD reads of a teacher whose hidden states are cached: its LM head and, across
+    tokenizers, its input embeddings; the transformer itself is never loaded."""
+
+    def __init__(self, config: PretrainedConfig, lm_head: Tensor, embeddings: Tensor | None) -> None:
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(lm_head.shape[1], lm_head.shape[0], bias=False, device="meta")
+        self.lm_head.weight = nn.Parameter(lm_head, requires_grad=False)
+        self.embed_tokens = None if embeddings is None else nn.Embedding.from_pretrained(embeddings)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        if self.embed_tokens is None:
+            raise ValueError("the teacher's input embeddings were not loaded (one vocabulary)")
+        return self.embed_tokens
+
+
+def load_teacher_head(
+    teacher: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    with_embeddings: bool,
+    trust_remote_code: bool = False,
+) -> TeacherHead:
+    """The teacher's LM head (and input embeddings) read from its safetensors alone: only the
+    files that hold them are opened, so a folder with config, tokenizer, head and embeddings is a
+    complete teacher for training from its cache. Parameter names come from the architecture,
+    built on the meta device (tied weights: either name)."""
+    config = AutoConfig.from_pretrained(teacher, trust_remote_code=trust_remote_code)
+    skeleton = _skeleton(config, trust_remote_code)
+    wanted = {"lm_head": skeleton.get_output_embeddings().weight}
+    if with_embeddings:
+        wanted["embeddings"] = skeleton.get_input_embeddings().weight
+    names = {
+        role: [n for n, p in skeleton.named_parameters(remove_duplicate=False) if p is param]
+        for role, param in wanted.items()
+    }
+    weight_map = _safetensors_weight_map(teacher)
+    loaded = {}
+    for role, candidates in names.items():
+        found = next((n for n in candidates if n in weight_map), None)
+        if found is None:
+            raise TeacherConfigError(
+                f"dskd_teacher: {teacher!r} has no {' or '.join(candidates)} in its safetensors; "
+                "training from dskd_teacher_cache reads the teacher's LM head and embeddings from "
+                "them. Point dskd_teacher to the teacher's original folder."
+            )
+        with safe_open(weight_map[found], framework="pt", device=str(device)) as f:
+            loaded[role] = f.get_tensor(found).to(dtype)
+    LOG.info(
+        "DSKD teacher %s: LM head%s read from its safetensors", teacher, " and embeddings" * with_embeddings
+    )
+    head = TeacherHead(config, loaded["lm_head"], loaded.get("embeddings"))
+    return head.eval().requires_grad_(False)
+
+
+def _skeleton(config: PretrainedConfig, trust_remote_code: bool) -> PreTrainedModel:
+    """The teacher's architecture on the meta device: its module names, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def adapter_changed_heads(
+    adapter: str, config: PretrainedConfig, *, trust_remote_code: bool = False
+) -> list[str]:
+    """Names of the teacher's LM head and input embeddings that a PEFT adapter trains or
+    replaces (``target_modules``, ``modules_to_save``, ``trainable_token_indices``): reading
+    them from the base teacher's safetensors would miss the adapter's change."""
+    from peft import PeftConfig
+
+    peft_config = PeftConfig.from_pretrained(adapter)
+    skeleton = _skeleton(config, trust_remote_code)
+    heads = {skeleton.get_output_embeddings(), skeleton.get_input_embeddings()}
+    targets = getattr(peft_config, "target_modules", None) or []
+    saved = getattr(peft_config, "modules_to_save", None) or []
+    changed = []
+    for name, module in skeleton.named_modules():
+        if module not in heads:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        targeted = (
+            re.fullmatch(targets, name) is not None
+            if isinstance(targets, str)
+            else any(t in (name, leaf) or name.endswith(f".{t}") for t in targets)
+        )
+        token_indices = module is skeleton.get_input_embeddings() and getattr(
+            peft_config, "trainable_token_indices", None
+        )
+        if targeted or leaf in saved or name in saved or token_indices:
+            changed.append(name)
+    return changed
+
+
+def _safetensors_weight_map(teacher: str) -> dict[str, str]:
+    """Tensor name -> local safetensors file of a teacher folder or hub id (a sharded model's
+    index names the shard; only the shards asked for are downloaded)."""
+    from transformers.utils import cached_file
+
+    def local(name: str) -> str | None:
+        return cached_file(teacher, name, _raise_exceptions_for_missing_entries=False)
+
+    index = local("model.safetensors.index.json")
+    if index is not None:
+        shards = json.loads(Path(index).read_text())["weight_map"]
+        return _LazyFiles(shards, local)
+    single = local("model.safetensors")
+    if single is None:
+        raise TeacherConfigError(
+            f"dskd_teacher: {teacher!r} has no safetensors weights (model.safetensors or "
+            "model.safetensors.index.json); training from dskd_teacher_cache reads the LM head "
+            "from them. Save the teacher with safe_serialization (the default)."
+        )
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+
+class _LazyFiles(dict):
+    """A sharded model's weight map whose shard files are fetched only when looked up."""
+
+    def __init__(self, shards: dict[str, str], fetch: Any) -> None:
+        super().__init__(shards)
+        self._fetch = fetch
+
+    def __getitem__(self, name: str) -> str:
+        return self._fetch(super().__getitem__(name))

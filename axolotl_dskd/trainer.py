@@ -41,6 +41,7 @@ from axolotl_dskd.models import (
     teacher_hidden_states,
 )
 from axolotl_dskd.projector_io import load_projectors, projectors_file, save_projectors
+from axolotl_dskd.teacher import TeacherHead
 
 LOG = logging.getLogger(__name__)
 
@@ -193,11 +194,15 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         inputs = dict(inputs)
         teacher_inputs = {k: inputs.pop(k) for k in TEACHER_KEYS if k in inputs}
         alignment = {k: inputs.pop(k) for k in ALIGNMENT_KEYS if k in inputs}
+        cached = inputs.pop("teacher_hidden", None)
         labels = inputs.pop("labels")
         inputs.pop("num_items_in_batch", None)
 
         with explain_out_of_memory():
-            out = self._distill(model, inputs, labels, teacher_inputs, alignment, num_items_in_batch)
+            teacher_hidden = cached if cached is not None else self._teacher_hidden(inputs, teacher_inputs)
+            out = self._distill(
+                model, inputs, labels, teacher_hidden, teacher_inputs, alignment, num_items_in_batch
+            )
         loss = out.loss
         if not self._finite_everywhere(loss):
             loss = self._non_finite(out, model)
@@ -212,14 +217,12 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         model: nn.Module,
         inputs: dict[str, Tensor],
         labels: Tensor,
+        teacher_hidden: Tensor,
         teacher_inputs: dict[str, Tensor],
         alignment: dict[str, Tensor],
         num_items_in_batch: Tensor | int | None,
     ) -> DSKDLossOutput:
         student_hidden = final_hidden_states(model, **inputs)
-        teacher_hidden = teacher_hidden_states(
-            self.teacher, **self._teacher_forward_inputs(inputs, teacher_inputs)
-        )
         common = {
             "student_hidden": student_hidden,
             "student_lm_head": lm_head_weight(model),
@@ -271,6 +274,15 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         # parameter gets an exact zero gradient, so data-parallel reducers see every gradient.
         trained = [p for p in self._trained_parameters(model) if p.requires_grad]
         return 0.0 * sum(p.float().sum() for p in trained)
+
+    def _teacher_hidden(self, inputs: dict[str, Tensor], teacher_inputs: dict[str, Tensor]) -> Tensor:
+        """The teacher's forward; a teacher whose states are cached has only its head here."""
+        if isinstance(self.teacher, TeacherHead):
+            raise TypeError(
+                "dskd_teacher_cache is set, but this batch has no cached teacher states: it did not "
+                "come through the DSKD collator (a custom data collator or trainer?)"
+            )
+        return teacher_hidden_states(self.teacher, **self._teacher_forward_inputs(inputs, teacher_inputs))
 
     def _teacher_forward_inputs(
         self, inputs: dict[str, Tensor], teacher_inputs: dict[str, Tensor]

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from axolotl_dskd.teacher import inspect_teacher, require_bitsandbytes
+from axolotl_dskd.teacher import adapter_changed_heads, inspect_teacher, require_bitsandbytes
 
 LOG = logging.getLogger(__name__)
 
@@ -21,14 +21,16 @@ LOG = logging.getLogger(__name__)
 def check_teacher_setup(cfg: Any) -> None:
     """Validate the teacher against the student and resolve ``dskd_cross_tokenizer``."""
     check_weights_stay_whole(cfg)
+    if cfg.dskd_teacher_cache and getattr(cfg, "pretraining_dataset", None):
+        raise ValueError(
+            "dskd_teacher_cache: pretraining_dataset streams its samples, and a teacher cache holds "
+            "prepared ones. Use datasets: for the data, or remove dskd_teacher_cache to run the teacher live."
+        )
     if cfg.dskd_teacher_load_in_4bit:
         require_bitsandbytes("dskd_teacher_load_in_4bit")
     if cfg.dskd_teacher_load_in_8bit:
         require_bitsandbytes("dskd_teacher_load_in_8bit")
-    student_tokenizer = AutoTokenizer.from_pretrained(
-        getattr(cfg, "tokenizer_config", None) or cfg.base_model,
-        trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)),
-    )
+    student_tokenizer = student_tokenizer_of(cfg)
     info = inspect_teacher(
         cfg.dskd_teacher,
         tokenizer=cfg.dskd_teacher_tokenizer,
@@ -65,6 +67,37 @@ def check_teacher_setup(cfg: Any) -> None:
         )
     if cfg.dskd_projectors:
         check_projectors_fit(cfg, teacher_hidden_size=info.hidden_size)
+    if cfg.dskd_teacher_cache:
+        from axolotl_dskd.cache_teacher import cache_identity, check_cache
+
+        check_adapter_keeps_heads(cfg, info.config)
+        check_cache(
+            cfg.dskd_teacher_cache, cache_identity(cfg, info.config, student_tokenizer, info.tokenizer)
+        )
+
+
+def check_adapter_keeps_heads(cfg: Any, teacher_config: Any) -> None:
+    """Training from a cache reads the LM head and embeddings from the base teacher's files."""
+    if not cfg.dskd_teacher_adapter:
+        return
+    changed = adapter_changed_heads(
+        cfg.dskd_teacher_adapter, teacher_config, trust_remote_code=cfg.dskd_teacher_trust_remote_code
+    )
+    if changed:
+        raise ValueError(
+            f"dskd_teacher_adapter: {cfg.dskd_teacher_adapter} changes the teacher's {' and '.join(changed)}, "
+            "and training from dskd_teacher_cache reads those from the base teacher's safetensors. Merge "
+            "the adapter into the teacher (PEFT's merge_and_unload, then save_pretrained) and point "
+            "dskd_teacher to the merged folder, or remove dskd_teacher_cache to run the teacher live."
+        )
+
+
+def student_tokenizer_of(cfg: Any) -> Any:
+    """The student's tokenizer as its files define it (Axolotl's own loading may add tokens)."""
+    return AutoTokenizer.from_pretrained(
+        getattr(cfg, "tokenizer_config", None) or cfg.base_model,
+        trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)),
+    )
 
 
 def without_token_bytes(student_tokenizer: Any, teacher_tokenizer: Any) -> str | None:

@@ -160,6 +160,38 @@ def run_train(
     return proc
 
 
+def cache_command(
+    config: PathLike, launcher: Launcher | Literal["torchrun"] = "python", *options: str
+) -> list[str]:
+    """The command that builds the teacher cache of ``config`` (with the command's ``options``):
+    ``python -m axolotl_dskd.cache_teacher``, ``axolotl dskd-cache-teacher`` (the plugin's
+    subcommand) or ``torchrun`` with two CPU processes."""
+    scripts = Path(sys.executable).parent
+    if launcher == "axolotl":
+        return [str(scripts / "axolotl"), "dskd-cache-teacher", str(config), *options]
+    module = ["-m", "axolotl_dskd.cache_teacher", str(config), *options]
+    if launcher == "torchrun":
+        return [str(scripts / "torchrun"), "--standalone", "--nproc_per_node", "2", *module]
+    return [sys.executable, *module]
+
+
+def run_cache_build(
+    cfg: dict,
+    workdir: Path,
+    *options: str,
+    launcher: Launcher | Literal["torchrun"] = "python",
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    """Build the teacher cache of ``cfg`` (written to ``workdir/config.yml``); the output is also
+    kept in ``workdir/cache.log``."""
+    proc = subprocess.run(
+        cache_command(write_config(cfg, workdir / "config.yml"), launcher, *options), cwd=workdir,
+        env=train_env(), capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    (workdir / "cache.log").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
 def start_train(cfg: dict, workdir: Path, *, launcher: Launcher = "python") -> subprocess.Popen:
     """Start training on ``cfg`` in the background (its output goes to ``workdir/train.log``)."""
     log = open(workdir / "train.log", "w")  # noqa: SIM115 - closed with the process

@@ -239,3 +239,21 @@ def fit_used_vocab(
         head[rows] = small_head[:-1]
     model.eval()
     return losses
+
+
+def head_only_copy(teacher: Path, folder: Path) -> Path:
+    """The teacher's folder without its transformer: config, tokenizer and generation files, and
+    a ``model.safetensors`` with only the LM head and input embeddings (all that training from a
+    teacher cache reads)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in Path(teacher).iterdir():
+        if path.is_file() and not path.name.startswith("model.safetensors"):
+            shutil.copy(path, folder / path.name)
+    weights = load_file(Path(teacher) / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if k in ("lm_head.weight", "model.embed_tokens.weight")}
+    save_file(kept, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder

@@ -77,6 +77,15 @@ def test_equal_sized_vocabularies_with_different_tokens_are_different(assets, tm
         ({"sequence_len": 1024}, "sequence_len"),  # the tiny teacher's context is 512
         ({"dskd_method": "vanilla_kd", "student": "student_sp"}, "dskd_method"),
         ({"dskd_cross_tokenizer": False, "student": "student_sp"}, "dskd_cross_tokenizer"),
+        ({"dskd_teacher_cache_dtype": "int8"}, "dskd_teacher_cache_dtype is set without dskd_teacher_cache"),
+        (
+            {
+                "dskd_teacher_cache": "cache",
+                "pretraining_dataset": [{"path": "c4", "type": "pretrain"}],
+                "max_steps": 10,
+            },
+            "dskd_teacher_cache: pretraining_dataset",
+        ),
     ],
 )
 def test_bad_settings_are_refused_naming_the_key(assets, tmp_path, overrides, expected):
