@@ -91,7 +91,8 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
     )
     dskd_teacher_cache_dtype: Literal["bfloat16", "float32", "int8"] = Field(
         default="bfloat16",
-        description="How the cache stores the states: bfloat16, float32 (exact) or int8 (one scale per token).",
+        description="How the cache stores the states: bfloat16, float32 (exact) or int8 (per-token "
+        "scale, each token's 4 largest channels in bfloat16).",
     )
     dskd_on_nonfinite: Literal["stop", "skip"] = Field(
         default="stop",

@@ -192,6 +192,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def finished_shards(progress: Path) -> dict[str, dict[str, Any]]:
+    """The shards a ``progress-<rank>.jsonl`` records, by name; a line whose shard is gone (or
+    that was cut off mid-write) does not count."""
+    done = {}
+    if progress.is_file():
+        for line in progress.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (progress.parent / record["name"]).is_file():
+                done[record["name"]] = record
+    return done
+
+
 class CacheWriter:
     """One process's side of a build: its finished shards, and writing the next one."""
 
@@ -202,18 +217,8 @@ class CacheWriter:
         self.progress = self.folder / f"progress-{rank}.jsonl"
 
     def finished(self) -> dict[str, dict[str, Any]]:
-        """Shards this process wrote before (an interrupted build), by name; a line whose shard
-        is gone (or was cut off mid-write) does not count."""
-        done = {}
-        if self.progress.is_file():
-            for line in self.progress.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if (self.folder / record["name"]).is_file():
-                    done[record["name"]] = record
-        return done
+        """Shards this process wrote before (an interrupted build), by name."""
+        return finished_shards(self.progress)
 
     def write_shard(self, name: str, samples: Mapping[str, tuple[Tensor, Tensor]]) -> dict[str, Any]:
         """Write ``{key: (positions [n], states [n, d])}`` as one shard, atomically, then record it."""
@@ -264,8 +269,7 @@ def finish(folder: str | os.PathLike, expected: Sequence[str], extra: Mapping[st
     folder = Path(folder)
     records: dict[str, dict[str, Any]] = {}
     for progress in sorted(folder.glob("progress-*.jsonl")):
-        rank = int(progress.stem.split("-")[1])
-        records.update(CacheWriter(folder, "", rank).finished())
+        records.update(finished_shards(progress))
     index: dict[str, str] = {}
     for name, record in sorted(records.items()):
         verify_shard(folder, name, record["sha256"])
@@ -380,8 +384,9 @@ class TeacherCache:
                 at = (row_segments == seg).nonzero().squeeze(-1)
                 positions, states = self.sample(key)
                 kept = positions < len(at)
-                out[b, at[positions[kept]]] = states[kept].to(self.dtype)
-                filled[b, at[positions[kept]]] = True
+                where = at[positions[kept]]
+                out[b, where] = states[kept].to(self.dtype)
+                filled[b, where] = True
         unfilled = int((read & ~filled).sum())
         if unfilled:
             raise TeacherCacheError(
