@@ -30,6 +30,7 @@ Framework-free: Hugging Face tokenizers only, picklable for dataset ``map`` work
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,16 @@ class TeacherChatSample:
     """``IGNORE_INDEX`` where untrained, as the student's labels."""
     alignment: list[int]
     """For each student token, the index of its teacher partner, or -1."""
+
+    def truncated(self, n: int) -> TeacherChatSample | None:
+        """The reading of the same conversation with the student's tokens cut to the first ``n``
+        (Axolotl's ``excess_length_strategy: truncate``): the teacher keeps the text the student
+        keeps, up to the last partner of a kept student token; ``None`` if no kept token has one."""
+        partners = [j for j in self.alignment[:n] if j >= 0]
+        if not partners:
+            return None
+        keep = max(partners) + 1
+        return TeacherChatSample(self.input_ids[:keep], self.labels[:keep], self.alignment[:n])
 
 
 @dataclass(frozen=True)
@@ -139,11 +150,26 @@ class TeacherChatRenderer:
     ) -> TeacherChatSample:
         """The teacher's reading of one conversation; raises :class:`UnrenderableSample`."""
         student_ids, student_labels = list(student_ids), list(student_labels)
-        s_text = self._render(self.student_tokenizer, self.student_template, messages, tools, "student")
-        student = self._measure(self._s_bytes, student_ids, s_text, messages, "student")
+        student = self._measure(
+            self.student_tokenizer,
+            self.student_template,
+            self._s_bytes,
+            student_ids,
+            messages,
+            tools,
+            "student",
+        )
         t_text = self.render(messages, tools)
         teacher_ids = list(self.teacher_tokenizer(t_text, add_special_tokens=False)["input_ids"])
-        teacher = self._measure(self._t_bytes, teacher_ids, t_text, messages, "teacher")
+        teacher = self._measure(
+            self.teacher_tokenizer,
+            self.teacher_template,
+            self._t_bytes,
+            teacher_ids,
+            messages,
+            tools,
+            "teacher",
+        )
 
         shared = [k for k in student.spans if k in teacher.spans]
         s_regions, t_regions = self._regions(student, shared), self._regions(teacher, shared)
@@ -209,35 +235,40 @@ class TeacherChatRenderer:
             raise UnrenderableSample(f"the {side}'s chat template did not render text")
         return text
 
-    @staticmethod
     def _measure(
-        table: Mapping[int, bytes], ids: list[int], text: str, messages: Any, side: str
+        self,
+        tokenizer: Any,
+        template: str | None,
+        table: Mapping[int, bytes],
+        ids: list[int],
+        messages: Sequence[Mapping[str, Any]],
+        tools: Any,
+        side: str,
     ) -> _Rendering:
+        """Where ``ids`` (this side's rendering of ``messages``) end, and where each content lies.
+
+        Contents are located by the template's structure, never by searching the text: the
+        conversation is rendered a second time with each content replaced by a marker, and the
+        template text between markers is matched piece by piece (a content equal to a role name
+        or any other template word cannot be mistaken for the template's own text).
+        """
+        text = self._render(tokenizer, template, messages, tools, side)
         ends = byte_ends(table, ids, text.encode())
         if ends is None:
             raise UnrenderableSample(
                 f"the {side}'s tokens are not its chat template's rendering of the conversation"
             )
-        spans: dict[int, tuple[int, int, int, int]] = {}
-        at = 0  # characters
-        for k, message in enumerate(messages):
-            content = message.get("content")
-            if not isinstance(content, str) or not content.strip():
-                continue
-            core = content.strip()
-            for candidate in (content, core):
-                start = text.find(candidate, at)
-                if start >= 0:
-                    break
-            else:
-                continue
-            core_start = start + candidate.find(core)
-            at = start + len(candidate)
-            byte = len(text[:start].encode())
-            core_byte = byte + len(text[start:core_start].encode())
-            core_end = core_byte + len(core.encode())
-            spans[k] = (byte, core_byte, core_end, core_end + len(text[core_start + len(core) : at].encode()))
-        return _Rendering(ends, spans)
+        contents = {
+            k: m["content"]
+            for k, m in enumerate(messages)
+            if isinstance(m.get("content"), str) and m["content"].strip()
+        }
+        if any(_MARK_CHARS & set(content) for content in contents.values()):
+            raise UnrenderableSample("a message contains the private-use characters that mark contents")
+        marked = [{**m, "content": _MARK.format(k)} if k in contents else m for k, m in enumerate(messages)]
+        skeleton = self._render(tokenizer, template, marked, tools, side)
+        spans = _locate_contents(text, skeleton, contents, side)
+        return _Rendering(ends, {k: _to_bytes(text, span) for k, span in spans.items()})
 
     @staticmethod
     def _regions(rendering: _Rendering, shared: list[int]) -> list[int]:
@@ -257,6 +288,53 @@ class TeacherChatRenderer:
             return False  # template text and the content's leading whitespace: not content
         offset = min(max(teacher.ends[j] - t_core, 1), t_core_end - t_core)
         return s_trained[bisect_right(student.ends, s_core + offset - 1)]
+
+
+_MARK = "\ue000{}\ue001"
+"""Stands in for message ``k``'s content in the structural rendering (private-use code points:
+no template spells them)."""
+_MARK_CHARS = {"\ue000", "\ue001"}
+_MARK_PATTERN = re.compile("\ue000(\\d+)\ue001")
+
+
+def _locate_contents(
+    text: str, skeleton: str, contents: Mapping[int, str], side: str
+) -> dict[int, tuple[int, int, int, int]]:
+    """Character span of each content in ``text``, given ``skeleton``: the same rendering with
+    content ``k`` replaced by ``_MARK.format(k)``. ``text`` must be the skeleton's template pieces
+    with each content between them, as is or with surrounding whitespace trimmed.
+
+    Returns: message index -> (start, content start, content end, end), as :class:`_Rendering`.
+    """
+    marks = list(_MARK_PATTERN.finditer(skeleton))
+    keys = [int(m.group(1)) for m in marks]
+    if len(set(keys)) != len(keys):
+        raise UnrenderableSample(f"the {side}'s chat template renders a message's content twice")
+    starts = [0] + [m.end() for m in marks]
+    pieces = [skeleton[a:b] for a, b in zip(starts, [m.start() for m in marks] + [len(skeleton)])]
+    unlike = UnrenderableSample(f"the {side}'s chat template renders a content other than as written")
+    if not text.startswith(pieces[0]):
+        raise unlike
+    at = len(pieces[0])
+    spans: dict[int, tuple[int, int, int, int]] = {}
+    for k, piece, last in zip(keys, pieces[1:], range(len(keys) - 1, -1, -1)):
+        core = contents[k].strip()
+        core_start = at + len(text[at:]) - len(text[at:].lstrip())
+        if not text.startswith(core, core_start):
+            raise unlike
+        end = core_start + len(core)
+        while not (text.startswith(piece, end) and (last or end + len(piece) == len(text))):
+            if end == len(text) or not text[end].isspace():
+                raise unlike
+            end += 1
+        spans[k] = (at, core_start, core_start + len(core), end)
+        at = end + len(piece)
+    return spans
+
+
+def _to_bytes(text: str, span: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """Character offsets in ``text`` as UTF-8 byte offsets."""
+    return tuple(len(text[:i].encode()) for i in span)  # type: ignore[return-value]
 
 
 def _by_gap(regions: list[int]) -> dict[int, list[int]]:

@@ -97,6 +97,9 @@ class RoundTripStats:
     aligned_tokens: int = 0
     teacher_rendered: int = 0
     """Samples the teacher read in its own chat template (prepared with the dataset)."""
+    prepared_fallbacks: int = 0
+    """Samples prepared in the teacher's template whose student tokens no longer fit the prepared
+    reading, so that the teacher read the student's rendering instead (should stay 0)."""
     examples: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
@@ -212,6 +215,7 @@ class TeacherTokenBuilder:
         self.check_round_trip = check_round_trip
         self.stats = RoundTripStats()
         self._reported_mismatch = False
+        self._reported_fallbacks = False
 
         self._s_bos = student_tokenizer.bos_token_id
         self._s_eos = student_tokenizer.eos_token_id
@@ -550,6 +554,7 @@ class TeacherTokenBuilder:
             out_seg.append(row.segments + [-1] * n_pad)
 
         self._report_mismatch()
+        self._report_prepared_fallbacks()
 
         def tensor(x: list[list[int]]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
@@ -577,6 +582,19 @@ class TeacherTokenBuilder:
             self.stats.mismatched_runs, self.stats.runs, student_text, teacher_text,
         )  # fmt: skip
 
+    def _report_prepared_fallbacks(self) -> None:
+        """Say once (per process), with a count, that prepared samples reached the teacher in the
+        student's rendering."""
+        if self._reported_fallbacks or not self.stats.prepared_fallbacks:
+            return
+        self._reported_fallbacks = True
+        LOG.warning(
+            "DSKD: %d of %d samples prepared in the teacher's chat template reach it in the student's "
+            "rendering instead: their student tokens no longer match the reading prepared with the "
+            "dataset (cut by excess_length_strategy: truncate before any content token both sides "
+            "read). Raise sequence_len, or drop such samples (excess_length_strategy: drop).", self.stats.prepared_fallbacks, self.stats.samples,
+        )  # fmt: skip
+
     def _row(
         self,
         ids: list[int],
@@ -602,9 +620,13 @@ class TeacherTokenBuilder:
                 continue
             at = positions[seg]
             seg_labels = [labels[i] for i in at]
-            if reading is not None and len(reading.alignment) == len(at):
-                sample = self._prepared(reading, seg_labels)
+            usable = reading
+            if usable is not None and len(usable.alignment) > len(at):  # Axolotl cut the sample
+                usable = usable.truncated(len(at))
+            if usable is not None and len(usable.alignment) == len(at):
+                sample = self._prepared(usable, seg_labels)
             else:
+                self.stats.prepared_fallbacks += reading is not None
                 sample = self._sample([ids[i] for i in at], seg_labels)
             if len(sample.ids) > room:
                 self.stats.truncated_samples += 1

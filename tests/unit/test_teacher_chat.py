@@ -8,6 +8,7 @@ config), batches made by the plugin's collator.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ class Prepared:
     student_tokenizer: Any
     teacher_tokenizer: Any
     conversations: list[list[dict[str, str]]]
+    student_name: str
+    teacher_name: str
 
     def conversation(self, row: dict) -> list[dict[str, str]]:
         """The conversation a prepared row was tokenized from."""
@@ -70,7 +73,9 @@ def prepare(root: Path, student: str, teacher: str, conversations: list, **overr
     )
     cfg = load_config(source, root)
     dataset = load_datasets(cfg=cfg).train_dataset
-    return Prepared(source, cfg, dataset, load_tokenizer(cfg), teacher_tokenizer(cfg), conversations)
+    return Prepared(
+        source, cfg, dataset, load_tokenizer(cfg), teacher_tokenizer(cfg), conversations, student, teacher
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,35 +98,64 @@ def trained_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]
     return [tokenizer.decode(run) for run in ([*runs, current] if current else runs)]
 
 
-@pytest.mark.parametrize(("student", "teacher"), PAIRS)
-def test_teacher_tokens_are_its_own_template_rendering(prepared, student, teacher):
-    """The teacher's ids of a sample are exactly its tokenizer's chat template applied to the
-    conversation: no marker of the student's template reaches it."""
-    p = prepared[student, teacher]
-    assert set(TEACHER_COLUMNS) <= set(p.dataset.column_names)
-    assert fallback_count(p.dataset) == (0, len(CONVERSATIONS))
+def assert_teacher_reads_its_own_template(p: Prepared) -> None:
+    """Every row: the teacher's ids are exactly its tokenizer's chat template applied to the
+    conversation (no marker of the student's template reaches it), and the trained tokens on both
+    sides are the assistant contents the student trains on, each closed by that side's own
+    end-of-turn marker; system and user turns stay untrained on both sides."""
+    marker = END_OF_TURN[p.teacher_name]
     for row in p.dataset:
-        expected = p.teacher_tokenizer.apply_chat_template(
-            p.conversation(row), tokenize=True, return_dict=False
-        )
+        conversation = p.conversation(row)
+        expected = p.teacher_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
         assert row["dskd_teacher_input_ids"] == expected
-
-
-@pytest.mark.parametrize(("student", "teacher"), PAIRS)
-def test_teacher_trains_the_assistant_turns_with_its_own_end_of_turn(prepared, student, teacher):
-    """Trained teacher tokens are the assistant contents the student trains on, each closed by
-    the teacher's own end-of-turn marker; system and user turns stay untrained on both sides."""
-    p = prepared[student, teacher]
-    marker = END_OF_TURN[teacher]
-    for row in p.dataset:
-        assistant = [m["content"].strip() for m in p.conversation(row) if m["role"] == "assistant"]
+        assistant = [m["content"].strip() for m in conversation if m["role"] == "assistant"]
         student_runs = trained_runs(p.student_tokenizer, row["input_ids"], row["labels"])
         teacher_runs = trained_runs(
             p.teacher_tokenizer, row["dskd_teacher_input_ids"], row["dskd_teacher_labels"]
         )
-        assert [run.replace(END_OF_TURN[student], "").strip() for run in student_runs] == assistant
+        assert [run.replace(END_OF_TURN[p.student_name], "").strip() for run in student_runs] == assistant
         assert all(run.endswith(marker) for run in teacher_runs), teacher_runs
         assert [run[: -len(marker)].strip() for run in teacher_runs] == assistant
+
+
+@pytest.mark.parametrize(("student", "teacher"), PAIRS)
+def test_teacher_reads_its_own_template_rendering(prepared, student, teacher):
+    p = prepared[student, teacher]
+    assert set(TEACHER_COLUMNS) <= set(p.dataset.column_names)
+    assert fallback_count(p.dataset) == (0, len(CONVERSATIONS))
+    assert_teacher_reads_its_own_template(p)
+
+
+def template_words(*tokenizers: Any) -> list[str]:
+    """Every word the chat templates write around the contents (role names, marker names, the
+    date line), read from a rendering of a conversation whose contents are digits."""
+    probe = [
+        {"role": "system", "content": "1"},
+        {"role": "user", "content": "2"},
+        {"role": "assistant", "content": "3"},
+    ]
+    text = "".join(t.apply_chat_template(probe, tokenize=False) for t in tokenizers)
+    return sorted(set(re.findall(r"[A-Za-z_]+", text)))
+
+
+@pytest.mark.parametrize(("student", "teacher"), PAIRS)
+def test_contents_equal_to_template_words_are_not_taken_for_the_template(
+    real_tokenizer, tmp_path, student, teacher
+):
+    """A message whose text is also template text ("assistant", "user", "system", a marker's
+    name, a word of the date line) is located by the template's structure, not by its text."""
+    words = template_words(real_tokenizer(student), real_tokenizer(teacher))
+    assert {"assistant", "user", "system", "im_end", "eot_id"} <= set(words)
+    conversations = [
+        [{"role": "user", "content": f"Which word is {word}?"}, {"role": "assistant", "content": word}]
+        for word in words
+    ] + [
+        [{"role": "system", "content": word}, {"role": "user", "content": word}, {"role": "assistant", "content": f"{word}, {word}"}]
+        for word in words
+    ]  # fmt: skip
+    p = prepare(tmp_path, student, teacher, conversations)
+    assert fallback_count(p.dataset) == (0, len(conversations))
+    assert_teacher_reads_its_own_template(p)
 
 
 def content_spans(text: str, conversation: list[dict[str, str]]) -> list[tuple[int, int]]:
@@ -339,3 +373,46 @@ def test_a_teacher_row_longer_than_its_context_is_cut(prepared):
         assert batch["teacher_input_ids"][b, : len(kept)].tolist() == kept
         assert int(batch["teacher_attention_mask"][b].sum()) == len(kept)
         assert max(batch["token_alignment"][b].tolist()) < len(kept)
+
+
+def test_samples_longer_than_sequence_len_are_dropped_whole(real_tokenizer, tmp_path):
+    """``excess_length_strategy: drop`` (Axolotl's default): a long conversation is dropped with
+    its teacher columns; the others reach the teacher in its own template."""
+    p = prepare(tmp_path, "llama3", "qwen3", CONVERSATIONS, sequence_len=48, excess_length_strategy="drop")
+    assert 0 < len(p.dataset) < len(CONVERSATIONS)
+    assert_teacher_reads_its_own_template(p)
+
+
+def test_samples_cut_to_sequence_len_keep_the_text_both_sides_read(real_tokenizer, tmp_path, caplog):
+    """``excess_length_strategy: truncate`` cuts the student's tokens after the teacher's reading
+    was made: the teacher keeps a prefix of its own rendering that ends where a kept student token
+    has its partner, trains only what the kept student tokens train, and nothing falls back. A row
+    cut before any shared content falls back to the student's rendering, counted and reported."""
+    p = prepare(
+        tmp_path, "llama3", "qwen3", CONVERSATIONS, sequence_len=48, excess_length_strategy="truncate"
+    )
+    rows = [dict(r) for r in p.dataset]
+    cut = [r for r in rows if len(r["dskd_token_alignment"]) > len(r["input_ids"])]
+    assert cut and all(len(r["input_ids"]) == 48 for r in cut)
+    batch, builder = collate(p, cut, packed=False)
+    assert builder.stats.teacher_rendered == len(cut) and builder.stats.prepared_fallbacks == 0
+    for b, row in enumerate(cut):
+        [conversation] = [
+            c for c in p.conversations
+            if p.student_tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)[:48] == row["input_ids"]
+        ]  # fmt: skip
+        full = p.teacher_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+        kept = int(batch["teacher_attention_mask"][b].sum())
+        alignment = batch["token_alignment"][b].tolist()
+        assert batch["teacher_input_ids"][b, :kept].tolist() == full[:kept] and kept < len(full)
+        assert max(alignment) == kept - 1  # the teacher's last kept token partners a kept student token
+        s_text = p.student_tokenizer.decode(row["input_ids"][: alignment.index(kept - 1) + 1])
+        assert s_text.endswith(p.teacher_tokenizer.decode(full[kept - 1 : kept]))
+        assert batch["teacher_labels"][b, :kept].tolist() == row["dskd_teacher_labels"][:kept]
+
+    before = {**cut[0], "input_ids": cut[0]["input_ids"][:3], "labels": cut[0]["labels"][:3]}
+    before.pop("attention_mask", None)
+    with caplog.at_level("WARNING"):
+        _, builder = collate(p, [before], packed=False)
+    assert builder.stats.prepared_fallbacks == 1 and builder.stats.teacher_rendered == 0
+    assert "1 of 1 samples prepared in the teacher's chat template" in caplog.text
