@@ -4,8 +4,11 @@ Axolotl splits every ``plugins:`` entry at its last dot into module and class (0
 ``module:Class``), so the bare package name fails inside Axolotl before any of our code runs.
 The wheel installs ``axolotl_dskd_alias.pth``, which runs :func:`install` at interpreter start-up. That adds one
 import hook, which waits for ``axolotl.integrations.base`` to be imported and then wraps its
-``load_plugin`` to read exactly the name ``axolotl_dskd`` as ``axolotl_dskd.DSKDPlugin``;
-every other name passes through untouched. Nothing else is imported at start-up.
+``load_plugin`` to read exactly the name ``axolotl_dskd`` as ``axolotl_dskd.DSKDPlugin``, and
+to stop with the name to write where a name that resembles it fails to load (Axolotl would skip
+a module it cannot import, silently dropping the ``dskd_*`` keys, or fail with a bare
+``AttributeError``); every other name passes through untouched. Nothing else is imported at
+start-up.
 Set ``AXOLOTL_DSKD_NO_ALIAS=1`` to turn it off.
 """
 
@@ -29,11 +32,31 @@ def patch_loader(module: ModuleType) -> None:
         return
 
     def load_plugin_with_alias(plugin_name: str):  # type: ignore[no-untyped-def]
-        return load_plugin(CANONICAL_NAME if plugin_name == BARE_NAME else plugin_name)
+        if plugin_name in (BARE_NAME, CANONICAL_NAME):
+            return load_plugin(CANONICAL_NAME)
+        try:
+            return load_plugin(plugin_name)
+        except (ImportError, AttributeError, TypeError, ValueError) as exc:
+            if not resembles_this_plugin(plugin_name):
+                raise
+            raise ValueError(
+                f"plugins: {plugin_name!r} cannot be loaded ({type(exc).__name__}: {exc}). "
+                f"Write {CANONICAL_NAME} (or {BARE_NAME})."
+            ) from exc
 
     load_plugin_with_alias.dskd_alias = True  # type: ignore[attr-defined]
     load_plugin_with_alias.__doc__ = load_plugin.__doc__
     module.load_plugin = load_plugin_with_alias
+
+
+def resembles_this_plugin(plugin_name: str) -> bool:
+    """A misspelling of this plugin's name (Axolotl would skip it, or fail without saying what to
+    write): it mentions DSKD, or its module part is close to ``axolotl_dskd``."""
+    import difflib  # here, not at interpreter start-up
+
+    name = plugin_name.lower().replace("-", "_")
+    module = name.replace(":", ".").split(".")[0]
+    return "dskd" in name or bool(difflib.get_close_matches(module, [BARE_NAME], cutoff=0.8))
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from axolotl_dskd import teacher_cache
 from axolotl_dskd.loss import IGNORE_INDEX, DSKDLossConfig
+from axolotl_dskd.teacher import tensor_digests
 from axolotl_dskd.teacher_cache import PlannedSample, TeacherCacheError
 
 LOG = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ both splits are cached)."""
 STALE = {
     "format_version": "an older cache format",
     "teacher_config": "another teacher (dskd_teacher, by its config.json)",
+    "teacher_tensors": "other teacher weights (dskd_teacher's LM head, embeddings, first or last "
+    "layer differ from those the cache was built from, or the cache predates this check)",
     "teacher_weights": "another loading of the teacher (dskd_teacher_load_in_4bit / _8bit, "
     "dskd_teacher_dtype or the bf16 / fp16 it follows, dskd_teacher_adapter)",
     "student_tokenizer": "another student tokenizer",
@@ -103,6 +106,7 @@ def cache_identity(
     return {
         "format_version": teacher_cache.FORMAT_VERSION,
         "teacher_config": _sha256(json.dumps(config, sort_keys=True, default=str)),
+        "teacher_tensors": tensor_digests(cfg.dskd_teacher),
         "teacher_weights": {
             "load_in_4bit": bool(cfg.dskd_teacher_load_in_4bit),
             "load_in_8bit": bool(cfg.dskd_teacher_load_in_8bit),
@@ -144,7 +148,7 @@ def check_cache(folder: str, identity: dict[str, Any]) -> None:
     if manifest is None:
         raise ValueError(f"{KEY}: {folder} holds no teacher cache. {rebuild}")
     built = manifest.get("identity", {})
-    stale = [name for name in STALE if built.get(name) != identity[name]]
+    stale = [name for name in STALE if _differs(name, built.get(name), identity[name])]
     if stale:
         readable = ("sequence_len", "pairing", "storage_dtype", "format_version")
         details = [
@@ -160,6 +164,16 @@ def check_cache(folder: str, identity: dict[str, Any]) -> None:
     if not manifest.get("complete"):
         raise ValueError(f"{KEY}: the cache in {folder} is unfinished (its build stopped). {rebuild} "
                          "The build resumes where it stopped.")  # fmt: skip
+
+
+def _differs(name: str, built: Any, now: Any) -> bool:
+    """Whether one part of a cache's identity differs from this run's. The teacher's tensors are
+    compared where both have them: training may read a folder holding only the LM head and
+    embeddings of the teacher the cache was built from."""
+    if name != "teacher_tensors":
+        return built != now
+    shared = set(built or {}) & set(now)
+    return not shared or any(built[k] != now[k] for k in shared)
 
 
 # -- building ---------------------------------------------------------------------------------------
@@ -263,8 +277,9 @@ class _TeacherStates:
         return out
 
 
-def build(config: str | Path, *, shard_size_mb: float = 1024.0) -> dict[str, Any]:
-    """Build (or resume, or verify) the teacher cache of an Axolotl config; returns its manifest."""
+def build(config: str | Path, *, shard_size_mb: float = 1024.0, overwrite: bool = False) -> dict[str, Any]:
+    """Build (or resume, or verify) the teacher cache of an Axolotl config; returns its manifest.
+    ``overwrite``: discard what the folder holds first (a corrupted cache)."""
     from accelerate import PartialState
     from axolotl.cli.config import load_cfg
     from axolotl.common.datasets import load_datasets
@@ -282,6 +297,8 @@ def build(config: str | Path, *, shard_size_mb: float = 1024.0) -> dict[str, Any
     folder = Path(cfg.dskd_teacher_cache)
     identity = _run_identity(cfg)
     if state.is_main_process:
+        if overwrite:
+            teacher_cache.clear(folder)
         teacher_cache.start(folder, identity, {"shard_size_mb": shard_size_mb})
     state.wait_for_everyone()
     manifest = teacher_cache.read_manifest(folder)
@@ -350,12 +367,13 @@ def build(config: str | Path, *, shard_size_mb: float = 1024.0) -> dict[str, Any
 @click.command(name="dskd-cache-teacher")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--shard-size", default=1024.0, show_default=True, help="Target size of a shard, in MB.")
-def cli(config: str, shard_size: float) -> None:
+@click.option("--overwrite", is_flag=True, help="Build anew: discard what the folder's cache holds.")
+def cli(config: str, shard_size: float, overwrite: bool) -> None:
     """Compute the DSKD teacher's hidden states once and store them in dskd_teacher_cache."""
     try:
-        build(config, shard_size_mb=shard_size)
+        build(config, shard_size_mb=shard_size, overwrite=overwrite)
     except TeacherCacheError as exc:
-        raise click.ClickException(f"{KEY}: {exc}") from exc
+        raise click.ClickException(str(exc)) from exc
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ exists (model-loading hooks also fire for merge-lora and inference, which need n
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from axolotl.integrations.base import BasePlugin
 from transformers import AutoConfig, TrainingArguments, set_seed
 
 from axolotl_dskd import chat_data
-from axolotl_dskd.args import loss_config, training_args
+from axolotl_dskd.args import PREFIX, DSKDArgs, loss_config, training_args
 from axolotl_dskd.chat_data import teacher_tokenizer as load_teacher_tokenizer
 from axolotl_dskd.loss import Projectors
 from axolotl_dskd.models import causal_lm, lm_head_weight
@@ -75,8 +76,10 @@ class DSKDPlugin(BasePlugin):
         self._trainer: Any = None
 
     def register(self, cfg: Any) -> None:
-        """Hook the teacher's chat rendering into Axolotl's dataset preparation (acts only in runs
-        that use it, see :mod:`axolotl_dskd.chat_data`)."""
+        """Refuse a misspelled ``dskd_*`` key (Axolotl would drop it and train with the default),
+        and hook the teacher's chat rendering into Axolotl's dataset preparation (acts only in
+        runs that use it, see :mod:`axolotl_dskd.chat_data`)."""
+        check_known_keys(cfg)
         chat_data.install()
 
     def get_input_args(self) -> str:
@@ -181,6 +184,22 @@ class DSKDPlugin(BasePlugin):
     def post_train(self, cfg: Any, model: Any) -> None:
         if self._trainer is not None:
             self._trainer.save_projectors(cfg.output_dir)
+
+
+def check_known_keys(cfg: Any) -> None:
+    """Every ``dskd_*`` key of the raw config is one of the plugin's."""
+    known = [name.removeprefix(PREFIX) for name in DSKDArgs.model_fields]
+    for key in sorted(
+        str(k) for k in cfg if str(k).startswith(PREFIX) and str(k)[len(PREFIX) :] not in known
+    ):
+        close = difflib.get_close_matches(key.removeprefix(PREFIX), known, n=1)
+        hint = (
+            f"did you mean {PREFIX}{close[0]}?" if close else "its keys are listed under Use it in the README"
+        )
+        raise ValueError(
+            f"{key}: not a key of the axolotl_dskd plugin ({hint}) Axolotl would ignore it and train "
+            "with the default. Fix the spelling or remove the key."
+        )
 
 
 def report_chat_rendering(cfg: Any, trainer: Any, teacher_tokenizer: Any) -> bool:

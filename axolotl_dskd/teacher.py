@@ -7,9 +7,12 @@ reported before a single weight is loaded; :func:`load_teacher` then loads the w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import struct
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from transformers import (
 )
 
 from axolotl_dskd.models import logit_scale
+from axolotl_dskd.vocabulary import PROBE_TEXT, encodes_text
 
 LOG = logging.getLogger(__name__)
 
@@ -101,6 +105,13 @@ def inspect_teacher(
             f"{key}: cannot load a tokenizer from {source!r} ({exc}). "
             "Set dskd_teacher_tokenizer to the teacher's tokenizer folder or hub id."
         ) from exc
+    if not encodes_text(teacher_tokenizer):
+        key = "dskd_teacher_tokenizer" if tokenizer else "dskd_teacher"
+        raise TeacherConfigError(
+            f"{key}: cannot load a tokenizer from {source!r} (what loads turns {PROBE_TEXT!r} into "
+            "no tokens: the folder holds no tokenizer files). Set dskd_teacher_tokenizer to the "
+            "teacher's tokenizer folder or hub id."
+        )
     return TeacherInfo(
         config=config,
         tokenizer=teacher_tokenizer,
@@ -108,6 +119,21 @@ def inspect_teacher(
         max_length=context_length(text_config),
         same_vocabulary=same_vocabulary(student_tokenizer, teacher_tokenizer),
     )
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "*.bin.index.json")
+"""What transformers loads a model's weights from."""
+
+
+def check_has_weights(teacher: str) -> None:
+    """A local teacher folder holds weights, not only a config (a hub id is checked as it loads)."""
+    folder = Path(teacher)
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise TeacherConfigError(
+            f"dskd_teacher: {teacher} holds a config but no model weights (no model.safetensors, "
+            "sharded safetensors or pytorch_model.bin). Point dskd_teacher to the folder "
+            "save_pretrained wrote the teacher to, weights included."
+        )
 
 
 def require_bitsandbytes(key: str) -> None:
@@ -270,6 +296,40 @@ def adapter_changed_heads(
     return changed
 
 
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def tensor_digests(teacher: str) -> dict[str, str]:
+    """sha256 of the stored bytes (with dtype and shape) of the teacher's tensors outside its
+    layers (embeddings, LM head, final norm) and of its first and last layer, by name.
+
+    What a teacher cache's states depend on beyond the config: a new fine-tune saved over the
+    same folder changes them. Cheap (the rest of the layers is not read) and independent of
+    file times; a folder holding only the LM head and embeddings yields just those.
+    """
+    weight_map = _safetensors_weight_map(teacher)
+    layer = {name: int(m.group(1)) for name in weight_map if (m := _LAYER_INDEX.search(name))}
+    ends = {min(layer.values()), max(layer.values())} if layer else set()
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name in weight_map:
+        if name not in layer or layer[name] in ends:
+            by_file[weight_map[name]].append(name)
+    digests = {}
+    for path, names in by_file.items():
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+            for name in names:
+                entry = header[name]
+                digest = hashlib.sha256(json.dumps([entry["dtype"], entry["shape"]]).encode())
+                start, end = entry["data_offsets"]
+                f.seek(8 + size + start)
+                for at in range(start, end, 1 << 24):
+                    digest.update(f.read(min(1 << 24, end - at)))
+                digests[name] = digest.hexdigest()
+    return dict(sorted(digests.items()))
+
+
 def _safetensors_weight_map(teacher: str) -> dict[str, str]:
     """Tensor name -> local safetensors file of a teacher folder or hub id (a sharded model's
     index names the shard; only the shards asked for are downloaded)."""
@@ -286,8 +346,9 @@ def _safetensors_weight_map(teacher: str) -> dict[str, str]:
     if single is None:
         raise TeacherConfigError(
             f"dskd_teacher: {teacher!r} has no safetensors weights (model.safetensors or "
-            "model.safetensors.index.json); training from dskd_teacher_cache reads the LM head "
-            "from them. Save the teacher with safe_serialization (the default)."
+            "model.safetensors.index.json); a teacher cache is built for, and training from "
+            "dskd_teacher_cache reads the LM head from, those files. Save the teacher with "
+            "safe_serialization (the default)."
         )
     with safe_open(single, framework="pt") as f:
         return {name: single for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__

@@ -44,8 +44,13 @@ STORAGE_DTYPES = ("bfloat16", "float32", "int8")
 MANIFEST, INDEX = "manifest.json", "index.json"
 
 
+REBUILD = "Rebuild it with `axolotl dskd-cache-teacher config.yml --overwrite`"
+"""The fix for a cache that cannot serve a run (the command replaces the folder's cache)."""
+
+
 class TeacherCacheError(RuntimeError):
-    """A cache that cannot serve this run: missing, unfinished, corrupted, or without a sample."""
+    """A cache that cannot serve this run: missing, unfinished, corrupted, or without a sample.
+    The message starts with the YAML key and ends with what to do."""
 
 
 def sample_key(feature: Mapping[str, Any], extra_columns: Sequence[str] = ()) -> str:
@@ -254,13 +259,19 @@ def start(folder: str | os.PathLike, identity: Mapping[str, Any], plan: Mapping[
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("identity") == dict(identity):
         return
-    for stale in [*folder.glob("shard-*.safetensors"), *folder.glob("shard-*.partial"),
-                  *folder.glob("progress-*.jsonl"), folder / INDEX]:  # fmt: skip
-        stale.unlink(missing_ok=True)
+    clear(folder)
     _write_json(
         folder / MANIFEST,
         {"format_version": FORMAT_VERSION, "identity": dict(identity), "plan": dict(plan), "complete": False},
     )
+
+
+def clear(folder: str | os.PathLike) -> None:
+    """Remove a cache's files from ``folder`` (nothing else in it)."""
+    folder = Path(folder)
+    for stale in [*folder.glob("shard-*.safetensors"), *folder.glob("shard-*.partial"),
+                  *folder.glob("progress-*.jsonl"), folder / INDEX, folder / MANIFEST]:  # fmt: skip
+        stale.unlink(missing_ok=True)
 
 
 def finish(folder: str | os.PathLike, expected: Sequence[str], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -275,10 +286,14 @@ def finish(folder: str | os.PathLike, expected: Sequence[str], extra: Mapping[st
         verify_shard(folder, name, record["sha256"])
         for key in record["keys"]:
             if index.setdefault(key, name) != name:
-                raise TeacherCacheError(f"{folder}: sample {key} is in {index[key]} and {name}")
+                raise TeacherCacheError(
+                    f"dskd_teacher_cache: sample {key} is in both {index[key]} and {name} of {folder}. {REBUILD}."
+                )
     missing = set(expected) - set(index)
     if missing:
-        raise TeacherCacheError(f"{folder}: {len(missing)} of {len(expected)} samples have no shard")
+        raise TeacherCacheError(
+            f"dskd_teacher_cache: {len(missing)} of {len(expected)} samples have no shard in {folder}. {REBUILD}."
+        )
     manifest = read_manifest(folder) or {}
     manifest.update(
         format_version=FORMAT_VERSION,
@@ -297,10 +312,11 @@ def finish(folder: str | os.PathLike, expected: Sequence[str], extra: Mapping[st
 def verify_shard(folder: Path, name: str, sha256: str) -> None:
     path = folder / name
     if not path.is_file():
-        raise TeacherCacheError(f"{folder}: shard {name} is missing")
+        raise TeacherCacheError(f"dskd_teacher_cache: shard {name} of {folder} is missing. {REBUILD}.")
     if file_sha256(path) != sha256:
         raise TeacherCacheError(
-            f"{folder}: shard {name} fails its checksum: the file changed after it was written"
+            f"dskd_teacher_cache: shard {name} of {folder} fails its checksum: the file changed after it "
+            f"was written. {REBUILD}."
         )
 
 
@@ -326,7 +342,10 @@ class TeacherCache:
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         if manifest is None or not manifest.get("complete"):
-            raise TeacherCacheError(f"{self.folder} holds no finished teacher cache")
+            raise TeacherCacheError(
+                f"dskd_teacher_cache: {self.folder} holds no finished teacher cache. Build it with "
+                "`axolotl dskd-cache-teacher config.yml` (an unfinished build resumes)."
+            )
         self.manifest = manifest
         self.index: dict[str, str] = json.loads((self.folder / INDEX).read_text())
         self.storage_dtype = manifest["identity"]["storage_dtype"]
@@ -367,8 +386,10 @@ class TeacherCache:
         missing = [key for row in keys for key in row if key not in self.index]
         if missing:
             raise TeacherCacheError(
-                f"{len(missing)} of {sum(map(len, keys))} samples of this batch are not in the "
-                f"teacher cache {self.folder}"
+                f"dskd_teacher_cache: {len(missing)} of {sum(map(len, keys))} samples of this batch are "
+                f"not in the teacher cache {self.folder}: the prepared data changed since it was built "
+                f"(edited data files keep the config the same). {REBUILD}, or remove dskd_teacher_cache "
+                "to run the teacher live."
             )
         out = torch.zeros((*segments.shape, self.manifest["hidden_size"]), dtype=self.dtype)
         filled = torch.zeros_like(read)
@@ -377,8 +398,9 @@ class TeacherCache:
             ids = [int(s) for s in torch.unique(row_segments[row_segments >= 0])]
             if len(ids) != len(row_keys):
                 raise TeacherCacheError(
-                    f"row {b} holds {len(row_keys)} samples but its positions show {len(ids)}: "
-                    "cached states are placed per packed sample, by position ids that restart"
+                    f"dskd_teacher_cache: row {b} holds {len(row_keys)} samples but its positions show "
+                    f"{len(ids)}: cached states are placed per packed sample, by position ids that "
+                    "restart. Remove dskd_teacher_cache to run the teacher live on such batches."
                 )
             for key, seg in zip(row_keys, ids):
                 at = (row_segments == seg).nonzero().squeeze(-1)
@@ -390,7 +412,8 @@ class TeacherCache:
         unfilled = int((read & ~filled).sum())
         if unfilled:
             raise TeacherCacheError(
-                f"the teacher cache {self.folder} has no state for {unfilled} positions the loss "
-                "reads in this batch (it was built with another token alignment or other data)"
+                f"dskd_teacher_cache: the teacher cache {self.folder} has no state for {unfilled} "
+                "positions the loss reads in this batch (it was built with another token alignment "
+                f"or other data). {REBUILD}."
             )
         return out

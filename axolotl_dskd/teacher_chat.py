@@ -11,7 +11,9 @@ the teacher's ids and labels and the exact teacher partner of each student token
 
 - Both renderings are measured in UTF-8 bytes: where each token ends, from the bytes each
   vocabulary entry stands for (:mod:`axolotl_dskd.vocabulary`), and where each message's content
-  lies (found in order; a template that trims a content is matched on the trimmed text).
+  lies, by the template's structure: the conversation rendered again with each content replaced
+  by a marker gives the template text around it (a template that trims a content is matched on
+  the trimmed text; a content equal to template text is never taken for it).
 - Labels follow the student's: a teacher token ending inside a content is trained iff the student
   token covering the same byte of that content is (a token that begins in template text and
   reaches no further than the content's leading whitespace is template text). In the template

@@ -61,7 +61,7 @@ import torch
 
 from axolotl_dskd.loss import IGNORE_INDEX
 from axolotl_dskd.teacher_chat import TeacherChatSample
-from axolotl_dskd.vocabulary import token_bytes
+from axolotl_dskd.vocabulary import encodes_text, token_bytes
 
 __all__ = [
     "RoundTripStats",
@@ -208,6 +208,12 @@ class TeacherTokenBuilder:
     ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
+        if not encodes_text(teacher_tokenizer):
+            raise ValueError(
+                "dskd_teacher_tokenizer: the teacher's tokenizer turns text into no tokens, so nothing "
+                "would be distilled (an empty tokenizer: a teacher folder without tokenizer files). "
+                "Set dskd_teacher_tokenizer to the teacher's tokenizer folder or hub id."
+            )
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer
         self.max_length = int(max_length)

@@ -40,7 +40,7 @@ from axolotl_dskd.models import (
     lm_head_weight,
     teacher_hidden_states,
 )
-from axolotl_dskd.projector_io import load_projectors, projectors_file, save_projectors
+from axolotl_dskd.projector_io import META_NAME, load_projectors, projectors_file, save_projectors
 from axolotl_dskd.teacher import TeacherHead
 
 LOG = logging.getLogger(__name__)
@@ -342,10 +342,19 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         """Restore the projectors with the optimizer: every resume path calls this (DeepSpeed's
         resume never calls ``_load_from_checkpoint``)."""
         if checkpoint is not None and self.projectors is not None:
-            if not projectors_file(checkpoint).is_file():
+            weights = projectors_file(checkpoint)
+            if not weights.is_file():
+                written = (weights.parent / META_NAME).is_file()
                 raise FileNotFoundError(
-                    f"resume_from_checkpoint: {checkpoint} has no DSKD projectors "
-                    "(dskd_projectors.safetensors); it was not written by a DSKD run."
+                    f"resume_from_checkpoint: {checkpoint} has no DSKD projectors ({weights.name}); "
+                    + (
+                        f"its {META_NAME} shows a DSKD run wrote it, and the weights file was removed "
+                        f"since. Put {weights.name} back, or resume from another checkpoint-N folder."
+                        if written
+                        else "it was not written by a DSKD run. Resume from one of this run's "
+                        "checkpoint-N folders, or start afresh (to keep trained projectors, set "
+                        "dskd_projectors to their file)."
+                    )
                 )
             load_projectors(self.projectors, checkpoint, key="resume_from_checkpoint")
             LOG.info("DSKD projectors restored from %s", checkpoint)

@@ -13,7 +13,12 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from axolotl_dskd.teacher import adapter_changed_heads, inspect_teacher, require_bitsandbytes
+from axolotl_dskd.teacher import (
+    adapter_changed_heads,
+    check_has_weights,
+    inspect_teacher,
+    require_bitsandbytes,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ def check_teacher_setup(cfg: Any) -> None:
         student_tokenizer=student_tokenizer,
         trust_remote_code=cfg.dskd_teacher_trust_remote_code,
     )
+    check_has_weights(cfg.dskd_teacher)
     if cfg.dskd_cross_tokenizer is False and not info.same_vocabulary:
         raise ValueError(
             "dskd_cross_tokenizer: false, but the teacher and student tokenizers have different "

@@ -103,6 +103,15 @@ def _pieces(tokenizer: Any) -> Iterator[tuple[int, bytes, bool]]:
             yield i, piece.replace(marker, " ").encode(), False
 
 
+PROBE_TEXT = "Hello, world! 123"
+
+
+def encodes_text(tokenizer: Any) -> bool:
+    """Whether the tokenizer turns text into tokens at all: transformers builds an empty one,
+    which gives no tokens for any text, for a model folder without tokenizer files."""
+    return bool(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+
+
 def token_bytes(tokenizer: Any) -> dict[int, bytes] | None:
     """Id -> the bytes the token stands for in a decoded text (added tokens: their content), or
     ``None`` for a tokenizer without a Rust backend, whose vocabulary cannot be read this way."""

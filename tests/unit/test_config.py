@@ -148,3 +148,69 @@ def test_example_configs_validate(assets, tmp_path, example):
     for key, value in yaml.safe_load(example.read_text()).items():
         if key.startswith("dskd_") and key not in ("dskd_teacher", "dskd_cross_tokenizer"):
             assert loaded[key] == value, key
+
+
+def _teacher_copy(assets, folder: Path, *, drop: tuple[str, ...]) -> Path:
+    """The tiny teacher's folder without the files matching ``drop``."""
+    import shutil
+
+    shutil.copytree(assets["teacher"], folder)
+    for pattern in drop:
+        for path in folder.glob(pattern):
+            path.unlink()
+    return folder
+
+
+def test_a_teacher_folder_without_tokenizer_files_is_refused(assets, tmp_path):
+    """Transformers builds an empty tokenizer for such a folder (every text: no tokens), which
+    would train without any distillation: refused, naming the key that gives the tokenizer."""
+    teacher = _teacher_copy(assets, tmp_path / "teacher", drop=("tokenizer*", "special_tokens_map.json"))
+    message = refusal(dskd_config(assets, tmp_path, dskd_teacher=str(teacher)), tmp_path)
+    assert f"dskd_teacher: cannot load a tokenizer from {str(teacher)!r}" in message, message
+    assert "into no tokens" in message and "Set dskd_teacher_tokenizer" in message
+    load_config(
+        dskd_config(
+            assets, tmp_path, dskd_teacher=str(teacher), dskd_teacher_tokenizer=str(assets["teacher"])
+        ),
+        tmp_path,
+    )
+
+
+def test_a_teacher_folder_without_weights_is_refused_before_any_model_loads(assets, tmp_path):
+    teacher = _teacher_copy(assets, tmp_path / "teacher", drop=("*.safetensors",))
+    message = refusal(dskd_config(assets, tmp_path, dskd_teacher=str(teacher)), tmp_path)
+    assert f"dskd_teacher: {teacher} holds a config but no model weights" in message, message
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("dskd_temprature", "did you mean dskd_temperature?"),
+        ("dskd_kd_ratio", "did you mean dskd_kd_rate?"),
+        ("dskd_load_in_4bit", "did you mean dskd_teacher_load_in_4bit?"),
+        ("dskd_frobnicate", "its keys are listed under Use it in the README"),
+    ],
+)
+def test_an_unknown_dskd_key_is_refused_with_the_closest_known_one(assets, tmp_path, key, says):
+    """Axolotl drops keys no schema declares, so a misspelled optional key would train with the
+    default (``dskd_temprature: 4.0`` at 2.0) without a word."""
+    message = refusal({**dskd_config(assets, tmp_path), key: 4.0}, tmp_path)
+    assert message.startswith(f"{key}: not a key of the axolotl_dskd plugin ({says})"), message
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "axolotl_dskd.DSKDPlgin",
+        "axolotl_dskd.plugin",
+        "axolotl_dsdk",
+        "axolotl_dsdk.DSKDPlugin",
+        "axolotl-dskd",
+    ],
+)
+def test_a_misspelled_plugin_name_says_which_name_to_write(assets, tmp_path, name):
+    """Axolotl itself would fail with a bare AttributeError or ValueError, or skip a module it
+    cannot import and drop every dskd_ key; a name that resembles this plugin's stops instead."""
+    message = refusal(dskd_config(assets, tmp_path, plugins=[name]), tmp_path)
+    assert f"plugins: {name!r} cannot be loaded" in message, message
+    assert "Write axolotl_dskd.DSKDPlugin (or axolotl_dskd)." in message

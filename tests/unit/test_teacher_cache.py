@@ -22,14 +22,15 @@ from dskd_devkit.training import head_only_copy, save_pair, tiny_model
 SHARD_MB = 0.05  # three shards of the 63 samples
 
 
-def build(cfg: dict, workdir: Path) -> dict:
-    """``python -m axolotl_dskd.cache_teacher config.yml --shard-size 0.05``, in this process."""
+def build(cfg: dict, workdir: Path, overwrite: bool = False) -> dict:
+    """``python -m axolotl_dskd.cache_teacher config.yml --shard-size 0.05 [--overwrite]``, in
+    this process."""
     from axolotl.integrations.base import PluginManager
 
     from axolotl_dskd.cache_teacher import build as build_cache
 
     PluginManager.get_instance().plugins.clear()
-    return build_cache(write_config(cfg, workdir / "config.yml"), shard_size_mb=SHARD_MB)
+    return build_cache(write_config(cfg, workdir / "config.yml"), shard_size_mb=SHARD_MB, overwrite=overwrite)
 
 
 def cache_config(assets: dict, workdir: Path, cache: Path, **overrides: Any) -> dict:
@@ -121,10 +122,16 @@ def test_a_corrupted_shard_is_detected(assets, built, tmp_path):
     shard.write_bytes(bytes(data))
     cache = TeacherCache(folder)
     key = next(k for k, name in cache.index.items() if name == shard.name)
-    with pytest.raises(TeacherCacheError, match="shard-00001.safetensors fails its checksum"):
+    fix = "Rebuild it with `axolotl dskd-cache-teacher config.yml --overwrite`"
+    with pytest.raises(TeacherCacheError, match="shard-00001.safetensors of .* fails its checksum") as read:
         cache.sample(key)
-    with pytest.raises(TeacherCacheError, match="shard-00001.safetensors fails its checksum"):
-        build(cache_config(assets, tmp_path, folder), tmp_path)
+    cfg = cache_config(assets, tmp_path, folder)
+    with pytest.raises(TeacherCacheError, match="shard-00001.safetensors of .* fails its checksum") as rerun:
+        build(cfg, tmp_path)
+    for raised in (read, rerun):
+        assert str(raised.value).startswith("dskd_teacher_cache: ") and fix in str(raised.value)
+    manifest = build(cfg, tmp_path, overwrite=True)
+    assert manifest["complete"] and manifest["shards"] == teacher_cache.read_manifest(built[1])["shards"]
 
 
 def _other_teacher(assets: dict, folder: Path) -> Path:
@@ -132,6 +139,14 @@ def _other_teacher(assets: dict, folder: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
     return save_pair(tiny_model("qwen2", tokenizer, hidden_size=64, seed=3), tokenizer, folder)
+
+
+def _other_weights(assets: dict, folder: Path) -> Path:
+    """The teacher's config and tokenizer with other weights (a new fine-tune saved over it)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
+    return save_pair(tiny_model("qwen2", tokenizer, hidden_size=128, seed=3), tokenizer, folder)
 
 
 def _other_tokenizer(assets: dict, folder: Path) -> Path:
@@ -152,6 +167,7 @@ def _other_data(assets: dict, folder: Path) -> list[dict]:
 
 STALE_RUNS = {
     "another teacher": lambda a, p: {"dskd_teacher": str(_other_teacher(a, p / "teacher"))},
+    "other teacher weights": lambda a, p: {"dskd_teacher": str(_other_weights(a, p / "teacher"))},
     "another loading of the teacher": lambda a, p: {"dskd_teacher_load_in_4bit": False},
     "another teacher tokenizer": lambda a, p: {"dskd_teacher_tokenizer": str(_other_tokenizer(a, p / "tok"))},
     "another teacher chat template": lambda a, p: {"dskd_teacher_chat_template": "chatml"},
@@ -202,8 +218,12 @@ def test_a_sample_missing_from_the_cache_is_an_error_with_a_count(built, prepare
     assert read.any() and (batch["teacher_hidden"][read].abs().sum(-1) > 0).all()
 
     features[1]["labels"] = [IGNORE_INDEX] + features[1]["input_ids"][1:]  # trains the prompt too
-    with pytest.raises(TeacherCacheError, match="1 of 2 samples of this batch are not in the teacher cache"):
+    with pytest.raises(
+        TeacherCacheError, match="1 of 2 samples of this batch are not in the teacher cache"
+    ) as raised:
         collator(features)
+    assert str(raised.value).startswith("dskd_teacher_cache: ")
+    assert "dskd-cache-teacher config.yml --overwrite" in str(raised.value)
 
 
 def _loss_and_gradients(teacher_hidden: torch.Tensor) -> tuple[float, torch.Tensor]:

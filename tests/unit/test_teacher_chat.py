@@ -66,7 +66,7 @@ def prepare(root: Path, student: str, teacher: str, conversations: list, **overr
     source = chat_config(
         student,
         chat_model(student, root / "student"),
-        chat_model(teacher, root / "teacher"),
+        chat_model(teacher, root / "teacher", weights=True),
         data,
         root,
         **overrides,
@@ -301,7 +301,9 @@ def test_changing_the_teacher_template_prepares_the_data_anew(prepared, tmp_path
         fingerprint(dskd_teacher_chat_template="student"),
     }
     assert len(variants) == 3
-    assert fingerprint(dskd_teacher=str(chat_model("llama3", tmp_path / "other_teacher"))) != auto
+    assert (
+        fingerprint(dskd_teacher=str(chat_model("llama3", tmp_path / "other_teacher", weights=True))) != auto
+    )
 
 
 @pytest.mark.parametrize(

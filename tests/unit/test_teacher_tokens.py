@@ -301,6 +301,23 @@ def test_round_trip_mismatch_is_reported_once_with_a_count(bpe, sp, builder, cap
     assert "1 of 2 text runs" in warnings[0] and "' ▁▁▁ done'" in warnings[0]
 
 
+def test_a_teacher_tokenizer_that_makes_no_tokens_stops_the_run(bpe, tmp_path) -> None:
+    """A teacher folder without tokenizer files loads as an empty tokenizer (validation refuses
+    it; this is the run-time guard, where a run's batches are made): the run stops, naming the
+    key, instead of training with no distillation."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    Qwen2Config(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path
+    )
+    empty = AutoTokenizer.from_pretrained(tmp_path)
+    assert empty("Hello, world!")["input_ids"] == []
+    with pytest.raises(
+        ValueError, match="dskd_teacher_tokenizer: the teacher's tokenizer turns text into no"
+    ):
+        TeacherTokenBuilder(bpe, empty, max_length=64)
+
+
 def test_student_bos_equal_to_eos(bpe, sp, builder) -> None:
     # GPT-2 style: <|endoftext|> is BOS, EOS and pad at once; at the start it is BOS (dropped)
     from transformers import PreTrainedTokenizerFast

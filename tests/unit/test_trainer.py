@@ -169,3 +169,24 @@ def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
     step = {n: (p.detach() - before[n]).norm() for n, p in params.items()}
     assert torch.stack(list(step.values())).norm() <= 1e-3 * (1 + 1e-4)
     assert all(step[n] > 0 for n in step if n.startswith("projectors."))
+
+
+@pytest.mark.parametrize("meta", [True, False], ids=["weights_removed", "not_a_dskd_checkpoint"])
+def test_resuming_without_projectors_says_what_to_do(assets, tmp_path, meta):
+    """A checkpoint without ``dskd_projectors.safetensors`` stops the resume, telling a DSKD
+    checkpoint whose weights file was removed (its ``dskd_projectors.json`` is there) from one
+    that another run wrote."""
+    trainer = _trainer_from_yaml(assets, tmp_path)
+    checkpoint = tmp_path / "checkpoint-2"
+    trainer.save_projectors(str(checkpoint))
+    (checkpoint / "dskd_projectors.safetensors").unlink()
+    if not meta:
+        (checkpoint / "dskd_projectors.json").unlink()
+    with pytest.raises(FileNotFoundError) as raised:
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
+    message = str(raised.value)
+    assert message.startswith(f"resume_from_checkpoint: {checkpoint} has no DSKD projectors")
+    if meta:
+        assert "shows a DSKD run wrote it" in message and "Put dskd_projectors.safetensors back" in message
+    else:
+        assert "not written by a DSKD run" in message and "set dskd_projectors" in message
