@@ -20,6 +20,7 @@ from typing import Any, Literal, get_type_hints
 from pydantic import Field, create_model, model_validator
 
 from axolotl_dskd.loss import DSKDLossConfig
+from axolotl_dskd.validation import check_teacher_setup
 
 PREFIX = "dskd_"
 YAML_LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(DSKDLossConfig) if f.name != "cross_tokenizer")
@@ -120,8 +121,6 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
                 "dskd_teacher_load_in_4bit and dskd_teacher_load_in_8bit are both true; "
                 "set at most one of them."
             )
-        from axolotl_dskd.validation import check_teacher_setup
-
         check_teacher_setup(self)
         return self
 

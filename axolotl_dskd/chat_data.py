@@ -4,31 +4,33 @@ prepares the dataset.
 The messages are gone by the time a batch is collated, so the teacher's tokens, labels and the
 student tokens' partners (:mod:`axolotl_dskd.teacher_chat`) are computed while Axolotl tokenizes
 each conversation and stored beside ``input_ids`` in :data:`TEACHER_COLUMNS`: prepared once, saved
-with Axolotl's prepared dataset, read by the collator. Two of Axolotl's dataset functions are
-wrapped for that (no plugin hook reaches them; :func:`install` is called when the plugin
-registers):
+with Axolotl's prepared dataset, read by the collator. The plugin's ``load_datasets`` hook runs
+Axolotl's own preparation (:func:`load_datasets`) with two of its functions wrapped for the
+duration of that call only (:func:`teacher_columns_added`; no hook reaches inside):
 
 - the prompt-strategy loader, so that a ``chat_template`` strategy's output carries the columns
   (empty for a sample that falls back; rows of other dataset types, mixed in, get none: null);
 - the prepared-dataset fingerprint, which ignores ``dskd_*`` keys: with the columns it also
   covers the teacher and its template, so changing either prepares the data anew.
 
-Both act only in runs that use the teacher's template (:func:`teacher_template`) and are
-otherwise Axolotl's own functions, unchanged.
+Only runs that use the teacher's template (:func:`teacher_template`) take this path, and one
+whose prepared data lacks the columns stops naming the key (:func:`require_teacher_columns`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from transformers import AutoTokenizer
 
+from axolotl_dskd.configured import teacher_tokenizer
 from axolotl_dskd.teacher_chat import TeacherChatRenderer, TeacherChatSample, UnrenderableSample
 
 LOG = logging.getLogger(__name__)
@@ -39,18 +41,6 @@ teacher partner (-1: none); empty or null where the teacher reads the student's 
 FORMAT_VERSION = 1
 """Of the columns; part of the dataset fingerprint."""
 KEY = "dskd_teacher_chat_template"
-
-
-def teacher_tokenizer(cfg: Any) -> Any:
-    """The teacher's tokenizer (``dskd_teacher_tokenizer``, else the teacher's folder)."""
-    return _load_tokenizer(
-        cfg.dskd_teacher_tokenizer or cfg.dskd_teacher, bool(cfg.dskd_teacher_trust_remote_code)
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(source: str, trust_remote_code: bool) -> Any:
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def resolve_template(setting: str, tokenizer: Any) -> str | None:
@@ -173,15 +163,14 @@ def with_teacher_columns(strategy: Any, cfg: Any) -> Any:
     return strategy
 
 
-def install() -> None:
-    """Wrap Axolotl's prompt-strategy loader and prepared-dataset fingerprint (once per process)."""
+@contextlib.contextmanager
+def teacher_columns_added() -> Iterator[None]:
+    """Within: Axolotl's prompt-strategy loader adds the teacher columns (:func:`with_teacher_columns`)
+    and its prepared-dataset fingerprint covers the teacher and its template (:func:`fingerprint`).
+    Axolotl's own functions are put back on exit."""
     from axolotl.utils.data import sft, wrappers
 
-    if getattr(wrappers.load, "_dskd", False):
-        return
-
-    load_strategy = wrappers.load
-    dataset_hash = sft.generate_dataset_hash_from_config
+    load_strategy, dataset_hash = wrappers.load, sft.generate_dataset_hash_from_config
 
     @functools.wraps(load_strategy)
     def load(strategy: str, tokenizer: Any, cfg: Any, ds_cfg: Any, *args: Any, **kwargs: Any) -> Any:
@@ -193,9 +182,49 @@ def install() -> None:
         extra = fingerprint(cfg)
         return base if extra is None else hashlib.md5(f"{base}|dskd:{extra}".encode()).hexdigest()
 
-    load._dskd = True  # type: ignore[attr-defined]
-    wrappers.load = load
-    sft.generate_dataset_hash_from_config = generate_dataset_hash_from_config
+    wrappers.load, sft.generate_dataset_hash_from_config = load, generate_dataset_hash_from_config
+    try:
+        yield
+    finally:
+        wrappers.load, sft.generate_dataset_hash_from_config = load_strategy, dataset_hash
+
+
+def load_datasets(cfg: Any) -> Any:
+    """Axolotl's own ``load_datasets`` for a run whose teacher reads its own chat template, with
+    the teacher columns; Axolotl's ``TrainDatasetMeta``."""
+    from axolotl.common.datasets import load_datasets as axolotl_load_datasets
+
+    with teacher_columns_added():
+        meta = axolotl_load_datasets(cfg=cfg)
+    require_teacher_columns(cfg, meta.train_dataset)
+    return meta
+
+
+def columns_expected(cfg: Any) -> bool:
+    """Whether this run's prepared chat data must carry the teacher columns: the teacher reads its
+    own template and a ``chat_template`` dataset is tokenized with a template (not by a
+    multimodal processor or mistral-common, which keep the student's rendering)."""
+    return (
+        teacher_template(cfg) is not None
+        and not cfg.get("processor_type")
+        and not cfg.get("tokenizer_use_mistral_common")
+        and any(str(d.get("type") or "").startswith("chat_template") for d in cfg.get("datasets") or [])
+    )
+
+
+def require_teacher_columns(cfg: Any, dataset: Any) -> None:
+    """Stop, naming the key, where chat data meant for the teacher's template was prepared without
+    its columns (the teacher would silently read the student's rendering instead)."""
+    if dataset is None or not columns_expected(cfg):
+        return
+    if TEACHER_COLUMNS[0] not in (getattr(dataset, "column_names", None) or []):
+        raise ValueError(
+            f"{KEY}: the teacher should read the chat data in its own template, but the prepared data "
+            "has no teacher columns: it was prepared without the plugin's load_datasets hook (the "
+            "train and preprocess commands call it; `axolotl evaluate` does not) or by an Axolotl "
+            f"version whose data preparation the plugin does not reach. Set {KEY}: student for such "
+            "a run, or prepare the data with `axolotl preprocess` / `axolotl train`."
+        )
 
 
 def fallback_count(dataset: Any) -> tuple[int, int] | None:

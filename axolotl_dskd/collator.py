@@ -22,9 +22,9 @@ from axolotl.utils.collators.batching import (
 )
 
 from axolotl_dskd.chat_data import TEACHER_COLUMNS, columns_of
-from axolotl_dskd.loss import DSKDLossConfig
-from axolotl_dskd.teacher_cache import TeacherCache, positions_read, sample_key
-from axolotl_dskd.teacher_tokens import TeacherTokenBuilder, sample_segments
+from axolotl_dskd.loss import DSKDLossConfig, teacher_positions_read
+from axolotl_dskd.teacher_cache import TeacherCache, sample_key
+from axolotl_dskd.teacher_tokens import TeacherTokenBuilder, segment_rows
 
 
 @dataclass
@@ -57,16 +57,12 @@ class _WithTeacher:
         labels = torch.as_tensor(batch["labels"])
         if "teacher_segment_ids" in batch:  # the teacher reads its own tokens
             segments = batch["teacher_segment_ids"]
-            read = positions_read(labels, self.loss_config, batch["teacher_labels"], batch["token_alignment"])
-        else:
-            mask = batch.get("attention_mask")
-            mask_rows = (torch.ones_like(labels) if mask is None else torch.as_tensor(mask)).tolist()
-            position_ids = batch.get("position_ids")
-            pos_rows = (
-                [None] * len(mask_rows) if position_ids is None else torch.as_tensor(position_ids).tolist()
+            read = teacher_positions_read(
+                labels, self.loss_config, batch["teacher_labels"], batch["token_alignment"]
             )
-            segments = torch.tensor([sample_segments(m, p) for m, p in zip(mask_rows, pos_rows)])
-            read = positions_read(labels, self.loss_config)
+        else:
+            segments = torch.tensor(segment_rows(batch))
+            read = teacher_positions_read(labels, self.loss_config)
         return self.teacher_cache.hidden_states(keys, segments, read)
 
 

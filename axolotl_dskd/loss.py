@@ -550,3 +550,40 @@ def vanilla_kd_loss(
     metrics = {"ce": ce / denom, "kd_student": kd / denom}
     metrics.update(kd_teacher=zero, t2s_ce=zero, t2s_acc=zero, aligned_frac=torch.ones_like(zero))
     return DSKDLossOutput(loss=loss / denom, metrics=metrics)
+
+
+def teacher_positions_read(
+    labels: Tensor,
+    config: DSKDLossConfig,
+    teacher_labels: Tensor | None = None,
+    token_alignment: Tensor | None = None,
+) -> Tensor:
+    """Which teacher hidden states :func:`dskd_loss` reads, ``[B, L_t]`` bool (what a teacher
+    cache must hold).
+
+    One vocabulary: every position whose next token is trained. Across tokenizers: cross-model
+    attention reads the teacher positions whose next teacher token is trained; exact alignment the
+    partners of the student positions whose next token is trained.
+    """
+    if not config.cross_tokenizer:
+        return _next_trained(labels)
+    if teacher_labels is None:
+        raise ValueError("across tokenizers the teacher's positions need teacher_labels")
+    read = (
+        _next_trained(teacher_labels)
+        if config.uses_cma
+        else torch.zeros_like(teacher_labels, dtype=torch.bool)
+    )
+    if config.uses_exact_pairs:
+        if token_alignment is None:
+            raise ValueError(f"token_alignment={config.token_alignment!r} needs the token_alignment tensor")
+        paired = _next_trained(labels) & (token_alignment >= 0) & (token_alignment < read.shape[1])
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(paired)
+        read[rows[paired], token_alignment[paired]] = True
+    return read
+
+
+def _next_trained(labels: Tensor) -> Tensor:
+    read = torch.zeros_like(labels, dtype=torch.bool)
+    read[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return read

@@ -7,6 +7,7 @@ refused by name (soft-capping is not linear).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -73,6 +74,21 @@ def final_hidden_states(model: nn.Module, **inputs: Any) -> Tensor:
         handle.remove()
     scale = logit_scale(lm.config, "model")
     return captured[-1] * scale if scale != 1.0 else captured[-1]
+
+
+def teacher_forward_inputs(
+    batch: Mapping[str, Tensor], *, cross_tokenizer: bool, packed: bool
+) -> dict[str, Tensor]:
+    """What the teacher's forward reads of a collated batch: its own tokens (``teacher_input_ids``,
+    ``teacher_attention_mask``, ``teacher_position_ids``, ``[B, L_t]``) across tokenizers, the
+    student's (``[B, L]``) with one vocabulary. Packed rows separate their samples by position ids
+    that restart, which an attention mask would override: then it is left out."""
+    names = ("input_ids", "attention_mask", "position_ids")
+    prefix = "teacher_" if cross_tokenizer else ""
+    forward = {name: batch[prefix + name] for name in names if prefix + name in batch}
+    if packed:
+        forward.pop("attention_mask", None)
+    return forward
 
 
 def teacher_hidden_states(teacher: nn.Module, **inputs: Any) -> Tensor:

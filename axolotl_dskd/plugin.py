@@ -14,17 +14,25 @@ from typing import Any
 
 import torch
 from axolotl.integrations.base import BasePlugin
-from transformers import AutoConfig, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from axolotl_dskd import chat_data
 from axolotl_dskd.args import PREFIX, DSKDArgs, loss_config, training_args
-from axolotl_dskd.chat_data import teacher_tokenizer as load_teacher_tokenizer
+from axolotl_dskd.collator import collator_class
+from axolotl_dskd.configured import (
+    configured_teacher,
+    teacher_dtype,
+    teacher_token_builder,
+    teacher_tokenizer,
+)
 from axolotl_dskd.loss import Projectors
 from axolotl_dskd.models import causal_lm, lm_head_weight
 from axolotl_dskd.projector_init import logit_equivalent_projectors
 from axolotl_dskd.projector_io import load_projectors
-from axolotl_dskd.teacher import context_length, load_teacher, load_teacher_head
-from axolotl_dskd.teacher_cache import read_manifest
+from axolotl_dskd.teacher import load_teacher_head
+from axolotl_dskd.teacher_cache import TeacherCache, read_manifest
+from axolotl_dskd.teacher_tokens import special_token_differences
+from axolotl_dskd.trainer import DSKDTrainer
 from axolotl_dskd.vocabulary import shared_vocabulary
 
 LOG = logging.getLogger(__name__)
@@ -40,23 +48,8 @@ if _PACKAGE_LOG.level == logging.NOTSET:
     _PACKAGE_LOG.setLevel(os.getenv("AXOLOTL_LOG_LEVEL", "INFO").upper())
 
 
-def teacher_dtype(cfg: Any) -> torch.dtype:
-    """``dskd_teacher_dtype``; ``auto`` follows the training precision."""
-    if cfg.dskd_teacher_dtype != "auto":
-        return getattr(torch, cfg.dskd_teacher_dtype)
-    if cfg.bf16 is True or (
-        cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    ):
-        return torch.bfloat16
-    if cfg.fp16:
-        return torch.float16
-    return torch.float32
-
-
 def warn_special_token_differences(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
     """Once per run: markers one model reads as control tokens and the other as text."""
-    from axolotl_dskd.teacher_tokens import special_token_differences
-
     notes = special_token_differences(student_tokenizer, teacher_tokenizer)
     if notes:
         LOG.warning(
@@ -76,11 +69,16 @@ class DSKDPlugin(BasePlugin):
         self._trainer: Any = None
 
     def register(self, cfg: Any) -> None:
-        """Refuse a misspelled ``dskd_*`` key (Axolotl would drop it and train with the default),
-        and hook the teacher's chat rendering into Axolotl's dataset preparation (acts only in
-        runs that use it, see :mod:`axolotl_dskd.chat_data`)."""
+        """Refuse a misspelled ``dskd_*`` key (Axolotl would drop it and train with the default)."""
         check_known_keys(cfg)
-        chat_data.install()
+
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
+        """A run whose teacher reads chat data in its own template prepares its data here:
+        Axolotl's own preparation, with the teacher's columns (:mod:`axolotl_dskd.chat_data`).
+        Every other run declines, and Axolotl prepares the data as usual."""
+        if chat_data.teacher_template(cfg) is None:
+            return None
+        return chat_data.load_datasets(cfg)
 
     def get_input_args(self) -> str:
         return "axolotl_dskd.args.DSKDArgs"
@@ -99,8 +97,6 @@ class DSKDPlugin(BasePlugin):
                 f"dskd_teacher is set in an RL run (rl: {cfg.rl}); DSKD distills during "
                 "supervised fine-tuning only. Remove dskd_teacher or rl."
             )
-        from axolotl_dskd.trainer import DSKDTrainer
-
         return DSKDTrainer
 
     def get_collator_cls_and_kwargs(self, cfg: Any, is_eval: bool = False):  # type: ignore[no-untyped-def]
@@ -108,9 +104,6 @@ class DSKDPlugin(BasePlugin):
         (``dskd_teacher_cache``); otherwise Axolotl's own collator."""
         if not cfg.dskd_teacher or cfg.rl or not (cfg.dskd_cross_tokenizer or cfg.dskd_teacher_cache):
             return None
-        from axolotl_dskd.collator import collator_class
-        from axolotl_dskd.teacher_cache import TeacherCache
-
         kwargs: dict[str, Any] = {"loss_config": loss_config(cfg)}
         if cfg.dskd_cross_tokenizer:
             kwargs["teacher_tokens"] = teacher_token_builder(cfg)
@@ -126,8 +119,6 @@ class DSKDPlugin(BasePlugin):
         set_seed(cfg.seed if cfg.seed is not None else TrainingArguments.seed)
 
     def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
-        from axolotl_dskd.trainer import DSKDTrainer
-
         if not cfg.dskd_teacher or not isinstance(trainer, DSKDTrainer):
             return
         cross_tokenizer = trainer.loss_config.cross_tokenizer
@@ -136,9 +127,9 @@ class DSKDPlugin(BasePlugin):
             _PAIRING[trainer.loss_config.token_alignment] if cross_tokenizer else "same vocabulary",
             cfg.dskd_teacher,
         )
-        teacher_tokenizer = load_teacher_tokenizer(cfg)
-        if report_chat_rendering(cfg, trainer, teacher_tokenizer):
-            warn_special_token_differences(trainer.processing_class, teacher_tokenizer)
+        t_tokenizer = teacher_tokenizer(cfg)
+        if report_chat_rendering(cfg, trainer, t_tokenizer):
+            warn_special_token_differences(trainer.processing_class, t_tokenizer)
         teacher = self._load_teacher(cfg, trainer.args.device, cross_tokenizer)
         projectors = None
         if cfg.dskd_method == "dskd":
@@ -152,7 +143,7 @@ class DSKDPlugin(BasePlugin):
                 LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
             elif cfg.dskd_projector_init == "pinv":
                 initialize_by_logit_equivalence(
-                    projectors, trainer.model, teacher, trainer.processing_class, teacher_tokenizer
+                    projectors, trainer.model, teacher, trainer.processing_class, t_tokenizer
                 )
         trainer.attach_teacher(teacher, projectors)
         self._trainer = trainer
@@ -207,6 +198,7 @@ def report_chat_rendering(cfg: Any, trainer: Any, teacher_tokenizer: Any) -> boo
     cross-tokenizer run (so that the student's markers reach it as text)."""
     cross_tokenizer = trainer.loss_config.cross_tokenizer
     if cross_tokenizer and chat_data.teacher_template(cfg) is not None:
+        chat_data.require_teacher_columns(cfg, trainer.train_dataset)
         student_rendered = False
         for split, dataset in (("training", trainer.train_dataset), ("evaluation", trainer.eval_dataset)):
             counts = chat_data.fallback_count(dataset)
@@ -261,34 +253,3 @@ def initialize_by_logit_equivalence(
         len(student_ids), time.time() - started,
         residuals["t2s_relative_residual"], residuals["s2t_relative_residual"],
     )  # fmt: skip
-
-
-def configured_teacher(cfg: Any, device: torch.device) -> torch.nn.Module:
-    """The whole teacher, loaded as the ``dskd_teacher*`` keys say (for training and for caching)."""
-    return load_teacher(
-        cfg.dskd_teacher,
-        device=device,
-        dtype=teacher_dtype(cfg),
-        load_in_4bit=cfg.dskd_teacher_load_in_4bit,
-        load_in_8bit=cfg.dskd_teacher_load_in_8bit,
-        adapter=cfg.dskd_teacher_adapter,
-        trust_remote_code=cfg.dskd_teacher_trust_remote_code,
-    )
-
-
-def teacher_token_builder(cfg: Any) -> Any:
-    """The re-tokenizer of student batches for the teacher (cross-tokenizer runs)."""
-    from axolotl.loaders import load_tokenizer
-
-    from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
-
-    return TeacherTokenBuilder(
-        load_tokenizer(cfg), load_teacher_tokenizer(cfg), max_length=teacher_max_length(cfg)
-    )
-
-
-def teacher_max_length(cfg: Any) -> int:
-    config = AutoConfig.from_pretrained(
-        cfg.dskd_teacher, trust_remote_code=cfg.dskd_teacher_trust_remote_code
-    )
-    return context_length(config.get_text_config()) or cfg.sequence_len

@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from axolotl_dskd.files import atomic_write, atomic_write_text
+
 WEIGHTS_NAME = "dskd_projectors.safetensors"
 META_NAME = "dskd_projectors.json"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a crash never leaves a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_projectors(projectors: nn.Module, directory: str | os.PathLike, meta: dict) -> Path:
@@ -39,10 +25,10 @@ def save_projectors(projectors: nn.Module, directory: str | os.PathLike, meta: d
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in projectors.state_dict().items()}
     weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     shapes = {k: list(v.shape) for k, v in tensors.items()}
     body = json.dumps({"shapes": shapes, **meta}, indent=2, sort_keys=True, default=str)
-    _atomic_write(directory / META_NAME, lambda tmp: Path(tmp).write_text(body))
+    atomic_write_text(directory / META_NAME, body)
     return weights
 
 

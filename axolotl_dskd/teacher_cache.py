@@ -1,7 +1,7 @@
 """The offline teacher: its final hidden states, computed once, stored per sample (framework-free).
 
 DSKD reads the teacher only through its final hidden states at the positions the loss uses
-(:func:`positions_read`) plus its LM head (and, across tokenizers, its input embeddings). A cache
+(:func:`axolotl_dskd.loss.teacher_positions_read`) plus its LM head (and, across tokenizers, its input embeddings). A cache
 holds those states for every sample of a prepared dataset, so training never runs the teacher's
 transformer. Layout of a cache folder:
 
@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from axolotl_dskd.loss import IGNORE_INDEX, DSKDLossConfig
+from axolotl_dskd.files import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("bfloat16", "float32", "int8")
@@ -63,42 +63,6 @@ def sample_key(feature: Mapping[str, Any], extra_columns: Sequence[str] = ()) ->
         digest.update(len(array).to_bytes(8, "little"))
         digest.update(array.tobytes())
     return digest.hexdigest()
-
-
-def positions_read(
-    labels: Tensor,
-    config: DSKDLossConfig,
-    teacher_labels: Tensor | None = None,
-    token_alignment: Tensor | None = None,
-) -> Tensor:
-    """Which teacher hidden states the loss reads, ``[B, L_t]`` bool.
-
-    One vocabulary: every position whose next token is trained. Across tokenizers: cross-model
-    attention reads the teacher positions whose next teacher token is trained; exact alignment the
-    partners of the student positions whose next token is trained.
-    """
-    if not config.cross_tokenizer:
-        return _next_trained(labels)
-    if teacher_labels is None:
-        raise ValueError("across tokenizers the teacher's positions need teacher_labels")
-    read = (
-        _next_trained(teacher_labels)
-        if config.uses_cma
-        else torch.zeros_like(teacher_labels, dtype=torch.bool)
-    )
-    if config.uses_exact_pairs:
-        if token_alignment is None:
-            raise ValueError(f"token_alignment={config.token_alignment!r} needs the token_alignment tensor")
-        paired = _next_trained(labels) & (token_alignment >= 0) & (token_alignment < read.shape[1])
-        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(paired)
-        read[rows[paired], token_alignment[paired]] = True
-    return read
-
-
-def _next_trained(labels: Tensor) -> Tensor:
-    read = torch.zeros_like(labels, dtype=torch.bool)
-    read[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return read
 
 
 # -- storage dtypes ---------------------------------------------------------------------------------
@@ -233,9 +197,9 @@ class CacheWriter:
             for part, tensor in encode(states, self.storage_dtype).items():
                 tensors[f"{key}.{part}"] = tensor
         path = self.folder / name
-        partial = path.with_suffix(".partial")
-        save_file(tensors, str(partial), metadata={"format_version": str(FORMAT_VERSION)})
-        os.replace(partial, path)
+        atomic_write(
+            path, lambda tmp: save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
+        )
         record = {
             "name": name,
             "keys": list(samples),
@@ -269,7 +233,7 @@ def start(folder: str | os.PathLike, identity: Mapping[str, Any], plan: Mapping[
 def clear(folder: str | os.PathLike) -> None:
     """Remove a cache's files from ``folder`` (nothing else in it)."""
     folder = Path(folder)
-    for stale in [*folder.glob("shard-*.safetensors"), *folder.glob("shard-*.partial"),
+    for stale in [*folder.glob("shard-*.safetensors"), *folder.glob(".shard-*.tmp"),
                   *folder.glob("progress-*.jsonl"), folder / INDEX, folder / MANIFEST]:  # fmt: skip
         stale.unlink(missing_ok=True)
 
@@ -326,9 +290,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True))
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -378,7 +340,7 @@ class TeacherCache:
             segments: ``[B, L]`` the packed sample of each position (-1: padding); the ``k``-th
                 segment of a row is its ``k``-th sample, and a sample's position ``p`` is the
                 ``p``-th position of its segment (samples cut to a context keep a prefix).
-            read: ``[B, L]`` the positions the loss reads (:func:`positions_read`).
+            read: ``[B, L]`` the positions the loss reads (:func:`~axolotl_dskd.loss.teacher_positions_read`).
 
         Raises:
             TeacherCacheError: samples not in the cache, or read positions it has no state for.

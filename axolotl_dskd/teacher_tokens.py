@@ -67,6 +67,7 @@ __all__ = [
     "RoundTripStats",
     "TeacherTokenBuilder",
     "sample_segments",
+    "segment_rows",
     "special_token_differences",
 ]
 
@@ -174,6 +175,17 @@ def sample_segments(attention_mask: Sequence[int], position_ids: Sequence[int] |
             previous = pos
         segments.append(current)
     return segments
+
+
+def segment_rows(batch: Mapping[str, Any]) -> list[list[int]]:
+    """Per row of a collated batch, the packed sample of each position (:func:`sample_segments`),
+    from its ``attention_mask`` (all ones if absent) and ``position_ids`` (if any), ``[B, L]``."""
+    rows = torch.as_tensor(batch["input_ids"]).tolist()
+    mask = batch.get("attention_mask")
+    mask_rows = torch.as_tensor(mask).tolist() if mask is not None else [[1] * len(r) for r in rows]
+    pos = batch.get("position_ids")
+    pos_rows = torch.as_tensor(pos).tolist() if pos is not None else [None] * len(rows)
+    return [sample_segments(m, p) for m, p in zip(mask_rows, pos_rows)]
 
 
 def _is_plain_fast(tokenizer: Any) -> bool:
@@ -531,20 +543,12 @@ class TeacherTokenBuilder:
         device = input_ids.device
         ids_rows = input_ids.tolist()
         label_rows = torch.as_tensor(batch["labels"]).tolist()
-        mask = batch.get("attention_mask")
-        mask_rows = torch.as_tensor(mask).tolist() if mask is not None else [[1] * len(r) for r in ids_rows]
-        pos = batch.get("position_ids")
-        pos_rows = torch.as_tensor(pos).tolist() if pos is not None else [None] * len(ids_rows)
-
+        student_segments = segment_rows(batch)
         prepared_rows = prepared if prepared is not None else [None] * len(ids_rows)
-        student_segments: list[list[int]] = []
-        rows: list[_Row] = []
-        for ids, labels, mask_row, pos_row, readings in zip(
-            ids_rows, label_rows, mask_rows, pos_rows, prepared_rows
-        ):
-            segments = sample_segments(mask_row, pos_row)
-            student_segments.append(segments)
-            rows.append(self._row(ids, labels, segments, readings))
+        rows = [
+            self._row(ids, labels, segments, readings)
+            for ids, labels, segments, readings in zip(ids_rows, label_rows, student_segments, prepared_rows)
+        ]
 
         width = max([len(r.ids) for r in rows] + [1])
         if self.pad_to_multiple_of:

@@ -38,6 +38,7 @@ from axolotl_dskd.models import (
     final_hidden_states,
     input_embedding_weight,
     lm_head_weight,
+    teacher_forward_inputs,
     teacher_hidden_states,
 )
 from axolotl_dskd.projector_io import META_NAME, load_projectors, projectors_file, save_projectors
@@ -282,22 +283,12 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
                 "dskd_teacher_cache is set, but this batch has no cached teacher states: it did not "
                 "come through the DSKD collator (a custom data collator or trainer?)"
             )
-        return teacher_hidden_states(self.teacher, **self._teacher_forward_inputs(inputs, teacher_inputs))
-
-    def _teacher_forward_inputs(
-        self, inputs: dict[str, Tensor], teacher_inputs: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
-        """The teacher's own tokens (cross-tokenizer) or the student's."""
-        if self.loss_config.cross_tokenizer:
-            forward = {
-                k.removeprefix("teacher_"): v for k, v in teacher_inputs.items() if k != "teacher_labels"
-            }
-        else:
-            forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-        if self._packed():
-            # packed rows: the teacher separates samples by restarting position_ids
-            forward.pop("attention_mask", None)
-        return forward
+        forward = teacher_forward_inputs(
+            {**inputs, **teacher_inputs},
+            cross_tokenizer=self.loss_config.cross_tokenizer,
+            packed=self._packed(),
+        )
+        return teacher_hidden_states(self.teacher, **forward)
 
     def _packed(self) -> bool:
         if self.model.training:

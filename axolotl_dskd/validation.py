@@ -11,14 +11,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
+import torch
+from jinja2 import TemplateError
+from transformers import AutoConfig
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
+from axolotl_dskd.cache_identity import cache_identity, check_cache
+from axolotl_dskd.chat_data import KEY, resolve_template
+from axolotl_dskd.configured import student_tokenizer
+from axolotl_dskd.loss import Projectors
+from axolotl_dskd.projector_io import check_projector_shapes, read_projector_shapes
 from axolotl_dskd.teacher import (
     adapter_changed_heads,
     check_has_weights,
     inspect_teacher,
     require_bitsandbytes,
 )
+from axolotl_dskd.vocabulary import token_bytes
 
 LOG = logging.getLogger(__name__)
 
@@ -35,11 +44,11 @@ def check_teacher_setup(cfg: Any) -> None:
         require_bitsandbytes("dskd_teacher_load_in_4bit")
     if cfg.dskd_teacher_load_in_8bit:
         require_bitsandbytes("dskd_teacher_load_in_8bit")
-    student_tokenizer = student_tokenizer_of(cfg)
+    student = student_tokenizer(cfg)
     info = inspect_teacher(
         cfg.dskd_teacher,
         tokenizer=cfg.dskd_teacher_tokenizer,
-        student_tokenizer=student_tokenizer,
+        student_tokenizer=student,
         trust_remote_code=cfg.dskd_teacher_trust_remote_code,
     )
     check_has_weights(cfg.dskd_teacher)
@@ -56,7 +65,7 @@ def check_teacher_setup(cfg: Any) -> None:
         )
     if cfg.dskd_cross_tokenizer == "auto":
         cfg.dskd_cross_tokenizer = not info.same_vocabulary
-    unreadable = without_token_bytes(student_tokenizer, info.tokenizer) if cfg.dskd_cross_tokenizer else None
+    unreadable = without_token_bytes(student, info.tokenizer) if cfg.dskd_cross_tokenizer else None
     if unreadable and cfg.dskd_token_alignment != "cma":
         raise ValueError(
             f"dskd_token_alignment: {cfg.dskd_token_alignment} needs the bytes of each token, but the "
@@ -74,12 +83,8 @@ def check_teacher_setup(cfg: Any) -> None:
     if cfg.dskd_projectors:
         check_projectors_fit(cfg, teacher_hidden_size=info.hidden_size)
     if cfg.dskd_teacher_cache:
-        from axolotl_dskd.cache_teacher import cache_identity, check_cache
-
         check_adapter_keeps_heads(cfg, info.config)
-        check_cache(
-            cfg.dskd_teacher_cache, cache_identity(cfg, info.config, student_tokenizer, info.tokenizer)
-        )
+        check_cache(cfg.dskd_teacher_cache, cache_identity(cfg, info.config, student, info.tokenizer))
 
 
 def check_adapter_keeps_heads(cfg: Any, teacher_config: Any) -> None:
@@ -98,20 +103,10 @@ def check_adapter_keeps_heads(cfg: Any, teacher_config: Any) -> None:
         )
 
 
-def student_tokenizer_of(cfg: Any) -> Any:
-    """The student's tokenizer as its files define it (Axolotl's own loading may add tokens)."""
-    return AutoTokenizer.from_pretrained(
-        getattr(cfg, "tokenizer_config", None) or cfg.base_model,
-        trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)),
-    )
-
-
 def without_token_bytes(student_tokenizer: Any, teacher_tokenizer: Any) -> str | None:
     """Which tokenizer, if any, cannot give the bytes each of its tokens stands for (only a
     Rust-backed, fast one can); exact alignment and the teacher's chat rendering measure token
     ends with them. Named as messages name it: "student's tokenizer (LlamaTokenizer)"."""
-    from axolotl_dskd.vocabulary import token_bytes
-
     for role, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
         if token_bytes(tokenizer) is None:
             return f"{role}'s tokenizer ({type(tokenizer).__name__})"
@@ -122,11 +117,6 @@ def check_teacher_chat_template(cfg: Any, teacher_tokenizer: Any, unreadable: st
     """``dskd_teacher_chat_template``: a template that exists and compiles, and tokenizers whose
     bytes can be read (``unreadable``: the one that cannot; the two renderings are aligned by
     byte offsets). ``auto`` resolves to ``student`` where they cannot be."""
-    from jinja2 import TemplateError
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
-    from axolotl_dskd.chat_data import KEY, resolve_template
-
     setting = cfg.dskd_teacher_chat_template
     template = resolve_template(setting, teacher_tokenizer)
     if template is None or not cfg.dskd_cross_tokenizer:
@@ -153,12 +143,6 @@ def check_teacher_chat_template(cfg: Any, teacher_tokenizer: Any, unreadable: st
 def check_projectors_fit(cfg: Any, teacher_hidden_size: int) -> None:
     """``dskd_projectors``: a safetensors file whose shapes fit this pair, read from its header
     only, so a wrong file stops the run before any weights load."""
-    import torch
-    from transformers import AutoConfig
-
-    from axolotl_dskd.loss import Projectors
-    from axolotl_dskd.projector_io import check_projector_shapes, read_projector_shapes
-
     if cfg.dskd_method == "vanilla_kd":
         raise ValueError(
             "dskd_projectors is set, but dskd_method: vanilla_kd trains no projectors. "

@@ -108,6 +108,15 @@ def load_config(cfg: dict, workdir: Path) -> Any:
     return load_cfg(str(write_config(cfg, workdir / "config.yml")))
 
 
+def prepared_datasets(cfg: Any) -> Any:
+    """The prepared datasets of a validated config, in this process, as ``axolotl train`` prepares
+    them: a plugin's ``load_datasets`` hook first, else Axolotl's own ``load_datasets``."""
+    from axolotl.common.datasets import load_datasets
+    from axolotl.integrations.base import PluginManager
+
+    return PluginManager.get_instance().load_datasets(cfg) or load_datasets(cfg=cfg)
+
+
 def refusal(cfg: dict, workdir: Path) -> str:
     """The message of the error that validating ``cfg`` raises (fails if it validates)."""
     try:

@@ -103,7 +103,6 @@ def test_missing_bitsandbytes_is_refused_before_loading(assets, tmp_path):
     config = write_config(dskd_config(assets, tmp_path), tmp_path / "c.yml")
     code = (
         "import sys; sys.path.insert(0, sys.argv[2]);"
-        "from axolotl_dskd.validation import check_teacher_setup;"
         "from axolotl_dskd.teacher import require_bitsandbytes;"
         "require_bitsandbytes('dskd_teacher_load_in_4bit')"
     )

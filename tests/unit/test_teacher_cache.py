@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from axolotl_dskd import teacher_cache
-from axolotl_dskd.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss
+from axolotl_dskd.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss, teacher_positions_read
 from axolotl_dskd.teacher_cache import TeacherCache, TeacherCacheError, decode, encode
-from dskd_devkit.axolotl_runs import dskd_config, load_config, refusal, write_config
+from dskd_devkit.axolotl_runs import dskd_config, load_config, prepared_datasets, refusal, write_config
 from dskd_devkit.training import head_only_copy, save_pair, tiny_model
 
 SHARD_MB = 0.05  # three shards of the 63 samples
@@ -52,10 +52,8 @@ def built(assets, tmp_path_factory) -> tuple[dict, Path]:
 @pytest.fixture(scope="module")
 def prepared(built, tmp_path_factory) -> tuple[Any, Any]:
     """The validated config of ``built`` and its prepared training split."""
-    from axolotl.common.datasets import load_datasets
-
     cfg = load_config(built[0], tmp_path_factory.mktemp("prepared"))
-    return cfg, load_datasets(cfg=cfg).train_dataset
+    return cfg, prepared_datasets(cfg).train_dataset
 
 
 def test_the_cache_holds_the_teachers_states_where_the_loss_reads_them(built, prepared):
@@ -63,8 +61,8 @@ def test_the_cache_holds_the_teachers_states_where_the_loss_reads_them(built, pr
     (what cross-model attention reads; exact alignment reads fewer) are the 4-bit teacher's own
     final hidden states over the teacher's tokens of the sample."""
     from axolotl_dskd.chat_data import TEACHER_COLUMNS
+    from axolotl_dskd.configured import teacher_token_builder
     from axolotl_dskd.models import teacher_hidden_states
-    from axolotl_dskd.plugin import teacher_token_builder
     from axolotl_dskd.teacher import load_teacher
 
     cfg, dataset = prepared
@@ -212,7 +210,7 @@ def test_a_sample_missing_from_the_cache_is_an_error_with_a_count(built, prepare
     collator = cls(tokenizer=load_tokenizer(cfg), padding=True, return_tensors="pt", **kwargs)
     features = [dict(row) for row in dataset.select(range(2))]
     batch = collator(features)
-    read = teacher_cache.positions_read(
+    read = teacher_positions_read(
         batch["labels"], collator.loss_config, batch["teacher_labels"], batch["token_alignment"]
     )
     assert read.any() and (batch["teacher_hidden"][read].abs().sum(-1) > 0).all()

