@@ -1,11 +1,11 @@
-"""The plugin's YAML keys, validated with the rest of the Axolotl config, and the training
-arguments that carry them to the trainer.
+"""The plugin's YAML keys (:class:`DSKDArgs`), validated with the rest of the Axolotl config, and
+the training arguments that carry them to the trainer.
 
-One channel, one source of truth: the loss keys (``dskd_kd_rate`` ...) are generated from
-:class:`~axolotl_dskd.loss.DSKDLossConfig` (defaults, ranges, help), the other keys are declared
-here once, and :data:`DSKDTrainingArgsMixin` repeats every key of :class:`DSKDArgs` as a training
-argument, so :class:`~axolotl_dskd.trainer.DSKDTrainer` reads ``self.args.dskd_*`` (the layout of
-Axolotl's own KD plugin).
+:class:`DSKDArgs` lists every key. The loss keys (``dskd_kd_rate`` ...) take their default,
+bounds and help from the matching field of :class:`~axolotl_dskd.loss.DSKDLossConfig`, the one
+source of the loss settings (:func:`loss_key`); :data:`DSKDTrainingArgsMixin` repeats every key as
+a training argument, so :class:`~axolotl_dskd.trainer.DSKDTrainer` reads ``self.args.dskd_*``
+(the layout of Axolotl's own KD plugin). ``docs/configuration.md`` is generated from this class.
 
 Value checks run per key; the checks that need the teacher's config and tokenizer (readable,
 long enough, vocabulary, logit form) run once the whole config is known, and still before any
@@ -15,48 +15,52 @@ weights load. Every message names the ``dskd_`` key to change.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal
 
-from pydantic import Field, create_model, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from axolotl_dskd.loss import DSKDLossConfig
+from axolotl_dskd.divergences import Divergence
+from axolotl_dskd.loss import DSKDLossConfig, TokenAlignment
 from axolotl_dskd.validation import check_teacher_setup
 
 PREFIX = "dskd_"
-YAML_LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(DSKDLossConfig) if f.name != "cross_tokenizer")
-"""Loss settings with a YAML key of their own; ``cross_tokenizer`` is resolved from
-``dskd_cross_tokenizer: auto`` (a teacher-level choice), below."""
+_LOSS_FIELDS = {f.name: f for f in dataclasses.fields(DSKDLossConfig)}
 
 
-def _loss_keys() -> dict[str, Any]:
-    hints = get_type_hints(DSKDLossConfig)
-    keys = {}
-    for f in dataclasses.fields(DSKDLossConfig):
-        if f.name in YAML_LOSS_FIELDS:
-            field = Field(default=f.default, description=f.metadata["doc"], **f.metadata["bounds"])
-            keys[PREFIX + f.name] = (hints[f.name], field)
-    return keys
+def loss_key(name: str) -> Any:
+    """The YAML key of the loss setting ``name``: its default, bounds and help as
+    :class:`~axolotl_dskd.loss.DSKDLossConfig` declares them."""
+    setting = _LOSS_FIELDS[name]
+    return Field(default=setting.default, description=setting.metadata["doc"], **setting.metadata["bounds"])
 
 
-_DSKDLossArgs = create_model("_DSKDLossArgs", **_loss_keys())
-
-
-class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
+class DSKDArgs(BaseModel):
     """Input args for Dual-Space Knowledge Distillation (all inactive without ``dskd_teacher``)."""
 
+    # -- the teacher --------------------------------------------------------------------------------
     dskd_teacher: str | None = Field(
         default=None, description="Teacher model: a local folder or a Hugging Face hub id."
     )
     dskd_teacher_tokenizer: str | None = Field(
         default=None, description="Teacher tokenizer, if not stored with the teacher."
     )
-    dskd_teacher_load_in_4bit: bool = False
-    dskd_teacher_load_in_8bit: bool = False
-    dskd_teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dskd_teacher_load_in_4bit: bool = Field(
+        default=False, description="Load the teacher in 4-bit (nf4, double quantization; bitsandbytes)."
+    )
+    dskd_teacher_load_in_8bit: bool = Field(
+        default=False, description="Load the teacher in 8-bit (bitsandbytes)."
+    )
+    dskd_teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="The teacher's compute dtype; auto follows the run's bf16 / fp16."
+    )
     dskd_teacher_adapter: str | None = Field(
         default=None, description="A LoRA adapter merged into the teacher after loading."
     )
-    dskd_teacher_trust_remote_code: bool = False
+    dskd_teacher_trust_remote_code: bool = Field(
+        default=False, description="Run Python code that ships with the teacher (read it first)."
+    )
+
+    # -- the method and its loss --------------------------------------------------------------------
     dskd_method: Literal["dskd", "vanilla_kd"] = Field(
         default="dskd",
         description="vanilla_kd: the paper's baseline, (1-r) CE + r KL(teacher || student) "
@@ -64,8 +68,20 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
     )
     dskd_cross_tokenizer: bool | Literal["auto"] = Field(
         default="auto",
-        description="Cross-model attention (CMA); auto: when the two vocabularies differ.",
+        description="Two tokenizations (the teacher reads its own tokens); auto: when the two "
+        "vocabularies differ.",
     )
+    dskd_kd_rate: float = loss_key("kd_rate")
+    dskd_temperature: float = loss_key("temperature")
+    dskd_divergence: Divergence = loss_key("divergence")
+    dskd_teacher_space_divergence: Divergence = loss_key("teacher_space_divergence")
+    dskd_skew_lambda: float = loss_key("skew_lambda")
+    dskd_akl_alpha: float = loss_key("akl_alpha")
+    dskd_token_alignment: TokenAlignment = loss_key("token_alignment")
+    dskd_chunk_size: int | None = loss_key("chunk_size")
+    dskd_compile: bool = loss_key("compile")
+
+    # -- the projectors -----------------------------------------------------------------------------
     dskd_projector_lr: float = Field(
         default=1e-3, gt=0.0, allow_inf_nan=False, description="Learning rate of the projectors."
     )
@@ -78,6 +94,8 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
         "head reproduces the other's logits on the tokens both vocabularies share (DSKDv2); "
         "random: nn.Linear's initialization. Ignored when dskd_projectors is set.",
     )
+
+    # -- chat data, the teacher cache, failures -----------------------------------------------------
     dskd_teacher_chat_template: str = Field(
         default="auto",
         description="How the teacher reads chat_template datasets in cross-tokenizer runs. auto: "

@@ -184,9 +184,7 @@ def check_known_keys(cfg: Any) -> None:
         str(k) for k in cfg if str(k).startswith(PREFIX) and str(k)[len(PREFIX) :] not in known
     ):
         close = difflib.get_close_matches(key.removeprefix(PREFIX), known, n=1)
-        hint = (
-            f"did you mean {PREFIX}{close[0]}?" if close else "its keys are listed under Use it in the README"
-        )
+        hint = f"did you mean {PREFIX}{close[0]}?" if close else "docs/configuration.md lists its keys"
         raise ValueError(
             f"{key}: not a key of the axolotl_dskd plugin ({hint}) Axolotl would ignore it and train "
             "with the default. Fix the spelling or remove the key."

@@ -187,7 +187,7 @@ def test_a_teacher_folder_without_weights_is_refused_before_any_model_loads(asse
         ("dskd_temprature", "did you mean dskd_temperature?"),
         ("dskd_kd_ratio", "did you mean dskd_kd_rate?"),
         ("dskd_load_in_4bit", "did you mean dskd_teacher_load_in_4bit?"),
-        ("dskd_frobnicate", "its keys are listed under Use it in the README"),
+        ("dskd_frobnicate", "docs/configuration.md lists its keys"),
     ],
 )
 def test_an_unknown_dskd_key_is_refused_with_the_closest_known_one(assets, tmp_path, key, says):
@@ -213,3 +213,12 @@ def test_a_misspelled_plugin_name_says_which_name_to_write(assets, tmp_path, nam
     message = refusal(dskd_config(assets, tmp_path, plugins=[name]), tmp_path)
     assert f"plugins: {name!r} cannot be loaded" in message, message
     assert "Write axolotl_dskd.DSKDPlugin (or axolotl_dskd)." in message
+
+
+def test_the_configuration_page_lists_every_key_as_the_schema_declares_it():
+    """docs/configuration.md is generated from DSKDArgs; regenerate it with
+    ``python scripts/config_reference.py`` after changing a key."""
+    import runpy
+
+    reference = runpy.run_path(str(REPO / "scripts" / "config_reference.py"))["reference"]
+    assert (REPO / "docs" / "configuration.md").read_text() == reference()

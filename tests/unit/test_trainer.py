@@ -8,9 +8,10 @@ import math
 
 import pytest
 import torch
+from pydantic import Field
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from axolotl_dskd.args import YAML_LOSS_FIELDS, DSKDArgs
+from axolotl_dskd.args import DSKDArgs
 from axolotl_dskd.loss import DSKDLossConfig, Projectors
 from axolotl_dskd.teacher import load_teacher
 from dskd_devkit.axolotl_runs import dskd_config, dskd_trainer, load_config
@@ -32,12 +33,16 @@ NOT_DEFAULT = {
 
 
 def test_every_loss_setting_has_a_yaml_key_with_its_default():
-    """The loss config is the one source of the defaults: each setting is a ``dskd_`` key."""
-    assert set(NOT_DEFAULT) == set(YAML_LOSS_FIELDS)
+    """The loss config is the one source of the loss settings: each (but ``cross_tokenizer``,
+    resolved from ``dskd_cross_tokenizer``) is a ``dskd_`` key with its default, bounds and help."""
+    loss_fields = [f for f in dataclasses.fields(DSKDLossConfig) if f.name != "cross_tokenizer"]
+    assert set(NOT_DEFAULT) == {f.name for f in loss_fields}
     defaults = DSKDLossConfig()
-    for name in YAML_LOSS_FIELDS:
-        assert DSKDArgs.model_fields[f"dskd_{name}"].default == getattr(defaults, name)
-        assert NOT_DEFAULT[name] != getattr(defaults, name)
+    for f in loss_fields:
+        key = DSKDArgs.model_fields[f"dskd_{f.name}"]
+        assert key.default == getattr(defaults, f.name) != NOT_DEFAULT[f.name]
+        assert key.description == f.metadata["doc"]
+        assert repr(key.metadata) == repr(Field(**f.metadata["bounds"]).metadata)  # no __eq__ on some
 
 
 def _trainer_from_yaml(assets, tmp_path, training_args: dict | None = None, **yaml_keys):
