@@ -49,10 +49,11 @@ _BOUND_CHECKS: dict[str, tuple[Callable[[float, float], bool], str]] = {
 
 @dataclass(frozen=True, kw_only=True)
 class DSKDLossConfig:
-    """Hyperparameters of the DSKD loss; the defaults are the paper's.
+    """Hyperparameters of the DSKD loss. The defaults are the paper's, but for
+    ``token_alignment``: the paper pairs positions by cross-model attention (``cma``).
 
-    The single source of the defaults and valid ranges: the plugin's ``dskd_<name>`` YAML keys
-    are generated from these fields.
+    The single source of the loss settings' defaults, ranges and help: the plugin's
+    ``dskd_<name>`` YAML keys read them from these fields.
     """
 
     kd_rate: float = _setting(

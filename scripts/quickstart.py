@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import runpy
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from dskd_devkit.assets import ARITHMETIC, ARITHMETIC_NAME, cached_assets
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = Path("example_configs/quickstart.yml")
 OUT = Path("outputs/quickstart")
+RESULTS = REPO / "benchmarks" / "results" / "quickstart.md"
 START = time.time()
 REPORT_EVERY = 10.0
 """Seconds between progress lines while the two runs train."""
@@ -176,13 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, scoring.evaluate_task(model, tokenizer, eval_rows)))
 
     example = rows[0][1].examples[0]
-    print()
-    print(f"{'':32s} {'exact match':>11s} {'answer NLL':>11s}   {example['prompt']} ({example['reference']})")
+    table = [
+        f"{'':32s} {'exact match':>11s} {'answer NLL':>11s}   {example['prompt']} ({example['reference']})"
+    ]
     for label, s in rows:
-        print(f"{label:32s} {100 * s.exact_match:10.1f}% {s.answer_nll:11.3f}   {s.examples[0]['greedy']}")
-    print()
+        table.append(
+            f"{label:32s} {100 * s.exact_match:10.1f}% {s.answer_nll:11.3f}   {s.examples[0]['greedy']}"
+        )
+    print("\n" + "\n".join(table) + "\n")
     print("exact match: the greedy answer equals the reference; answer NLL: nats per reference answer")
     print("(lower is better). One seed; benchmarks/distill_quality.py runs 3 seeds and the baselines.")
+    RESULTS.write_text("```\n" + "\n".join(table) + "\n```\n")
+    runpy.run_path(str(REPO / "scripts" / "render_docs.py"))["main"]([])
+    say(f"  table written to {RESULTS.relative_to(REPO)} and shown in README.md")
     say(f"done. Adapter + DSKD projectors: {config['output_dir']}; logs: {OUT}/*.log")
     return 0
 
