@@ -61,10 +61,12 @@ class DSKDArgs(BaseModel):
     )
 
     # -- the method and its loss --------------------------------------------------------------------
-    dskd_method: Literal["dskd", "vanilla_kd"] = Field(
+    dskd_method: Literal["dskd", "vanilla_kd", "uld"] = Field(
         default="dskd",
-        description="vanilla_kd: the paper's baseline, (1-r) CE + r KL(teacher || student) "
-        "on logits, same vocabulary only, no projectors.",
+        description="The paper's baselines, without projectors: vanilla_kd, (1-r) CE + r "
+        "KL(teacher || student) on logits, one vocabulary only; uld, (1-r) CE + r ULD (Universal "
+        "Logit Distillation: sorted next-token distributions, answer tokens paired in order), any "
+        "two vocabularies.",
     )
     dskd_cross_tokenizer: bool | Literal["auto"] = Field(
         default="auto",

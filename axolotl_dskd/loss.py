@@ -588,3 +588,117 @@ def _next_trained(labels: Tensor) -> Tensor:
     read = torch.zeros_like(labels, dtype=torch.bool)
     read[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return read
+
+
+def _uld_chunk(
+    hidden: Tensor,
+    teacher_hidden: Tensor,
+    targets: Tensor,
+    paired: Tensor,
+    lm_head: Tensor,
+    teacher_lm_head: Tensor,
+    *,
+    config: DSKDLossConfig,
+) -> tuple[Tensor, Tensor]:
+    """CE over a chunk of trained student tokens, ULD over those with a teacher partner.
+    Stats: ``[ce, uld]`` sums."""
+    z_s = _logits(hidden, lm_head)
+    ce = F.cross_entropy(z_s, targets, reduction="sum")
+    p_s = z_s.softmax(-1).sort(-1, descending=True).values
+    with torch.no_grad():
+        p_t = _logits(teacher_hidden, teacher_lm_head).softmax(-1).sort(-1, descending=True).values
+    gap = p_s.shape[-1] - p_t.shape[-1]  # the smaller vocabulary's tail is zeros
+    p_s, p_t = F.pad(p_s, (0, max(-gap, 0))), F.pad(p_t, (0, max(gap, 0)))
+    uld = ((p_s - p_t).abs().sum(-1) * paired).sum()
+    loss = (1.0 - config.kd_rate) * ce + config.kd_rate * uld
+    return loss, torch.stack([ce, uld]).detach()
+
+
+def answer_order_partners(
+    student_mask: Tensor,
+    teacher_mask: Tensor,
+    student_segments: Tensor | None = None,
+    teacher_segments: Tensor | None = None,
+) -> Tensor:
+    """ULD's pairing, ``[B, L_s]``: the ``k``-th trained student position of a sample with the
+    ``k``-th trained teacher position of the same sample (its index in the row), the longer side
+    cut to the shorter; ``-1`` where none. Masks ``[B, L]`` bool; segments ``[B, L]`` (packed
+    rows), one sample per row without them."""
+    partners = torch.full(student_mask.shape, -1, dtype=torch.long, device=student_mask.device)
+    for b in range(student_mask.shape[0]):
+        s_seg = (
+            student_segments[b]
+            if student_segments is not None
+            else torch.zeros_like(student_mask[b], dtype=torch.long)
+        )
+        t_seg = (
+            teacher_segments[b]
+            if teacher_segments is not None
+            else torch.zeros_like(teacher_mask[b], dtype=torch.long)
+        )
+        for sample in torch.unique(s_seg[student_mask[b]]).tolist():
+            s_pos = (student_mask[b] & (s_seg == sample)).nonzero().squeeze(-1)
+            t_pos = (teacher_mask[b] & (t_seg == sample)).nonzero().squeeze(-1)
+            n = min(len(s_pos), len(t_pos))
+            partners[b, s_pos[:n]] = t_pos[:n]
+    return partners
+
+
+def uld_loss(
+    *,
+    student_hidden: Tensor,
+    student_lm_head: Tensor,
+    student_labels: Tensor,
+    teacher_hidden: Tensor,
+    teacher_lm_head: Tensor,
+    teacher_labels: Tensor,
+    config: DSKDLossConfig = DSKDLossConfig(),
+    num_items: int | Tensor | None = None,
+    student_segment_ids: Tensor | None = None,
+    teacher_segment_ids: Tensor | None = None,
+) -> DSKDLossOutput:
+    """Universal Logit Distillation (Boizard et al. 2024), the DSKD paper's cross-tokenizer
+    baseline: ``(1-r) CE + r ULD``, any two vocabularies, no projectors.
+
+    ULD pairs the ``k``-th trained student target of a sample with the teacher's ``k``-th
+    (:func:`answer_order_partners`) and compares the two next-token distributions sorted in
+    decreasing order: ``sum_i |sort(p_s)_i - sort(p_t)_i|`` over the larger vocabulary, the
+    smaller one padded with zeros (the closed-form Wasserstein-1 distance under a uniform cost).
+    As in the DSKD authors' code, without temperature. Reported as ``kd_student``;
+    ``aligned_frac`` is the share of trained student tokens with a teacher partner.
+
+    Args:
+        student_hidden: ``[B, L_s, d_s]`` final hidden states of the student (with grad).
+        student_lm_head: ``[V_s, d_s]`` the student's LM-head weight.
+        student_labels: ``[B, L_s]`` token ids, ``-100`` where untrained (unshifted).
+        teacher_hidden: ``[B, L_t, d_t]`` final hidden states of the frozen teacher.
+        teacher_lm_head: ``[V_t, d_t]`` the teacher's LM-head weight.
+        teacher_labels: ``[B, L_t]`` the teacher's labels (with one vocabulary, the student's).
+        config: ``kd_rate`` and ``chunk_size`` are read.
+        num_items: As in :func:`dskd_loss`.
+        student_segment_ids: ``[B, L_s]`` the packed sample of each position (optional).
+        teacher_segment_ids: ``[B, L_t]`` the same for the teacher's tokens.
+    """
+    h_s, y_s, m_s = _shift(student_hidden, student_labels)
+    h_t, _, m_t = _shift(teacher_hidden.detach(), teacher_labels)
+    n_trained, denom = _token_counts(m_s, num_items)
+    partners = answer_order_partners(m_s, m_t, _shifted(student_segment_ids), _shifted(teacher_segment_ids))
+    rows = torch.arange(partners.shape[0], device=partners.device)[:, None]
+    paired_teacher = h_t[rows, partners.clamp_min(0)]
+    paired = partners[m_s] >= 0
+    loss, (ce, uld) = chunked_token_sum(
+        _maybe_compile(partial(_uld_chunk, config=config), config),
+        (h_s[m_s], paired_teacher[m_s], y_s[m_s], paired.float()),
+        (student_lm_head, teacher_lm_head.detach()),
+        config.tokens_per_chunk(max(student_lm_head.shape[0], teacher_lm_head.shape[0])),
+    )
+    zero = torch.zeros((), device=h_s.device)
+    metrics = {
+        "ce": ce / denom,
+        "kd_student": uld / denom,
+        "kd_teacher": zero,
+        "t2s_ce": zero,
+        "t2s_acc": zero,
+    }
+    metrics["aligned_frac"] = paired.sum() / n_trained.clamp_min(1)
+    return DSKDLossOutput(loss=loss / denom, metrics=metrics)

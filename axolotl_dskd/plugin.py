@@ -6,6 +6,7 @@ exists (model-loading hooks also fire for merge-lora and inference, which need n
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -104,7 +105,10 @@ class DSKDPlugin(BasePlugin):
         (``dskd_teacher_cache``); otherwise Axolotl's own collator."""
         if not cfg.dskd_teacher or cfg.rl or not (cfg.dskd_cross_tokenizer or cfg.dskd_teacher_cache):
             return None
-        kwargs: dict[str, Any] = {"loss_config": loss_config(cfg)}
+        config = loss_config(cfg)
+        if cfg.dskd_method == "uld":  # ULD reads every trained teacher position, as attention does
+            config = dataclasses.replace(config, token_alignment="exact+cma")
+        kwargs: dict[str, Any] = {"loss_config": config}
         if cfg.dskd_cross_tokenizer:
             kwargs["teacher_tokens"] = teacher_token_builder(cfg)
         if cfg.dskd_teacher_cache:

@@ -32,6 +32,7 @@ from axolotl_dskd.loss import (
     DSKDLossOutput,
     Projectors,
     dskd_loss,
+    uld_loss,
     vanilla_kd_loss,
 )
 from axolotl_dskd.models import (
@@ -119,7 +120,7 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
     def attach_teacher(self, teacher: nn.Module, projectors: Projectors | None) -> None:
         """Distill from ``teacher`` from now on; called once, before training starts.
 
-        ``dskd_method: vanilla_kd`` (the paper's logit-KD baseline) takes no projectors.
+        The baselines ``dskd_method: vanilla_kd`` and ``uld`` take no projectors.
         """
         self.teacher = teacher
         self.projectors = None if projectors is None else projectors.to(self.args.device)
@@ -235,6 +236,10 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         }
         if self.args.dskd_method == "vanilla_kd":
             return vanilla_kd_loss(**common)
+        if self.args.dskd_method == "uld":
+            segments = {k: v for k, v in alignment.items() if k != "token_alignment"}
+            teacher_labels = teacher_inputs["teacher_labels"] if self.loss_config.cross_tokenizer else labels
+            return uld_loss(**common, teacher_labels=teacher_labels, **segments)
         if self.loss_config.cross_tokenizer:
             return dskd_loss(
                 self.projectors,

@@ -143,9 +143,9 @@ def check_teacher_chat_template(cfg: Any, teacher_tokenizer: Any, unreadable: st
 def check_projectors_fit(cfg: Any, teacher_hidden_size: int) -> None:
     """``dskd_projectors``: a safetensors file whose shapes fit this pair, read from its header
     only, so a wrong file stops the run before any weights load."""
-    if cfg.dskd_method == "vanilla_kd":
+    if cfg.dskd_method != "dskd":
         raise ValueError(
-            "dskd_projectors is set, but dskd_method: vanilla_kd trains no projectors. "
+            f"dskd_projectors is set, but dskd_method: {cfg.dskd_method} trains no projectors. "
             "Remove dskd_projectors or use dskd_method: dskd."
         )
     file, found = read_projector_shapes(cfg.dskd_projectors, "dskd_projectors")

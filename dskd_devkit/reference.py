@@ -324,3 +324,61 @@ def reference_dskd_loss(
         "aligned_frac": aligned_frac,
     }
     return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Universal Logit Distillation (the paper's cross-tokenizer baseline)
+# --------------------------------------------------------------------------------------------
+
+
+def _trained_by_sample(mask: Tensor, segments: Tensor | None, b: int) -> dict[int, list[int]]:
+    """Row ``b``'s trained positions, in order, per packed sample."""
+    by_sample: dict[int, list[int]] = {}
+    for i in mask.nonzero().flatten().tolist():
+        by_sample.setdefault(int(segments[b, i]) if segments is not None else 0, []).append(i)
+    return by_sample
+
+
+def reference_uld_loss(
+    *,
+    student_hidden: Tensor,
+    student_lm_head: Tensor,
+    student_labels: Tensor,
+    teacher_hidden: Tensor,
+    teacher_lm_head: Tensor,
+    teacher_labels: Tensor,
+    kd_rate: float = 0.5,
+    num_items: int | None = None,
+    student_segment_ids: Tensor | None = None,
+    teacher_segment_ids: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(1-r) CE + r ULD`` in float64 (Boizard et al. 2024, as the DSKD authors run it):
+    within each sample the k-th trained student target meets the k-th trained teacher target;
+    ULD is the L1 distance between their softmax vectors, each sorted in decreasing order, the
+    smaller vocabulary padded with zeros. Sums over trained student tokens divided by ``N``."""
+    y_s, m_s = _shift(student_labels)
+    _, m_t = _shift(teacher_labels)
+    z_s = student_hidden[:, :-1].to(F64) @ student_lm_head.to(F64).T
+    z_t = teacher_hidden.detach()[:, :-1].to(F64) @ teacher_lm_head.detach().to(F64).T
+    n_trained = m_s.sum()
+    N = float(num_items) if num_items is not None else max(float(n_trained), 1.0)
+    width = max(z_s.shape[-1], z_t.shape[-1])
+
+    def sorted_probs(z: Tensor) -> Tensor:
+        p = torch.softmax(z, -1).sort(descending=True).values
+        return torch.cat([p, p.new_zeros(width - p.shape[0])])
+
+    ce = _ce(z_s[m_s], y_s[m_s]).sum() / N
+    uld = z_s.new_zeros(())
+    paired = 0
+    s_seg = None if student_segment_ids is None else student_segment_ids[:, :-1]
+    t_seg = None if teacher_segment_ids is None else teacher_segment_ids[:, :-1]
+    for b in range(m_s.shape[0]):
+        s_by, t_by = _trained_by_sample(m_s[b], s_seg, b), _trained_by_sample(m_t[b], t_seg, b)
+        for sample, s_positions in s_by.items():
+            for i, j in zip(s_positions, t_by.get(sample, [])):
+                uld = uld + (sorted_probs(z_s[b, i]) - sorted_probs(z_t[b, j])).abs().sum() / N
+                paired += 1
+    r = float(kd_rate)
+    loss = (1.0 - r) * ce + r * uld
+    return loss, {"ce": ce, "kd_student": uld, "aligned_frac": torch.tensor(paired / max(int(n_trained), 1))}

@@ -222,3 +222,13 @@ def test_the_configuration_page_lists_every_key_as_the_schema_declares_it():
 
     reference = runpy.run_path(str(REPO / "scripts" / "config_reference.py"))["reference"]
     assert (REPO / "docs" / "configuration.md").read_text() == reference()
+
+
+def test_uld_needs_no_shared_vocabulary_and_trains_no_projectors(assets, tmp_path):
+    cfg = load_config(dskd_config(assets, tmp_path, student="student_sp", dskd_method="uld"), tmp_path)
+    assert cfg.dskd_method == "uld" and cfg.dskd_cross_tokenizer is True
+    message = refusal(
+        dskd_config(assets, tmp_path, dskd_method="uld", dskd_projectors=str(tmp_path / "p.safetensors")),
+        tmp_path,
+    )
+    assert "dskd_projectors is set, but dskd_method: uld trains no projectors" in message, message

@@ -290,7 +290,7 @@ KEY_VALUES: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "dskd_projector_lr": _values(st.floats(1e-6, 1.0), [0.0, -1e-3, *NONFINITE]),
     "dskd_chunk_size": _values(st.integers(1, 4096), [0, -8, 2.5, "big"]),
     "dskd_on_nonfinite": _values(["stop", "skip"], ["ignore", "STOP", "warn"]),
-    "dskd_method": _values(["dskd", "vanilla_kd"], ["kd", "DSKD", "distill"]),
+    "dskd_method": _values(["dskd", "vanilla_kd", "uld"], ["kd", "DSKD", "distill"]),
 }
 
 

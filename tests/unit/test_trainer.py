@@ -195,3 +195,35 @@ def test_resuming_without_projectors_says_what_to_do(assets, tmp_path, meta):
         assert "shows a DSKD run wrote it" in message and "Put dskd_projectors.safetensors back" in message
     else:
         assert "not written by a DSKD run" in message and "set dskd_projectors" in message
+
+
+def test_uld_runs_the_uld_loss_on_the_teachers_own_labels(assets, tmp_path):
+    """``dskd_method: uld`` across tokenizers: the trainer's loss is ULD between the student's
+    trained tokens and the teacher's (its own labels), with no projectors."""
+    from axolotl_dskd.loss import uld_loss
+    from axolotl_dskd.models import final_hidden_states, lm_head_weight
+
+    trainer = _trainer_from_yaml(assets, tmp_path, student="student_sp", dskd_method="uld")
+    trainer.attach_teacher(trainer.teacher, None)
+    torch.manual_seed(0)
+    ids = torch.randint(100, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    teacher_labels = torch.randint(100, (2, 15))
+    teacher_labels[:, :6] = -100
+    teacher_hidden = torch.randn(2, 15, 128)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = trainer._distill(
+        trainer.model, inputs, labels, teacher_hidden, {"teacher_labels": teacher_labels}, {}, None
+    )
+    expected = uld_loss(
+        student_hidden=final_hidden_states(trainer.model, **inputs),
+        student_lm_head=lm_head_weight(trainer.model),
+        student_labels=labels,
+        teacher_hidden=teacher_hidden,
+        teacher_lm_head=lm_head_weight(trainer.teacher),
+        teacher_labels=teacher_labels,
+        config=trainer.loss_config,
+    )
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert float(out.metrics["aligned_frac"]) == 1.0  # 8 student answer tokens, 9 teacher ones
