@@ -28,6 +28,9 @@ NOT_DEFAULT = {
     "chunk_size": 17,
     "compile": True,
     "token_alignment": "cma",
+    "t2s_target": "teacher",
+    "kd_student_correct_only": True,
+    "teacher_space_weight": 0.5,
 }
 """A value other than the default for every loss setting with a YAML key."""
 
@@ -62,10 +65,10 @@ def _trainer_from_yaml(assets, tmp_path, training_args: dict | None = None, **ya
 
 def test_every_dskd_key_reaches_the_trainer_and_its_loss(assets, tmp_path):
     trainer = _trainer_from_yaml(
-        assets, tmp_path, student="student_sp", dskd_projector_lr=0.02, dskd_on_nonfinite="skip",
+        assets, tmp_path, dskd_projector_lr=0.02, dskd_on_nonfinite="skip",
         **{f"dskd_{name}": value for name, value in NOT_DEFAULT.items()},
     )  # fmt: skip
-    assert trainer.loss_config == DSKDLossConfig(cross_tokenizer=True, **NOT_DEFAULT)
+    assert trainer.loss_config == DSKDLossConfig(cross_tokenizer=False, **NOT_DEFAULT)
     assert trainer.args.dskd_on_nonfinite == "skip"
     for name in DSKDArgs.model_fields:
         assert hasattr(trainer.args, name), name
