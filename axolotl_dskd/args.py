@@ -68,6 +68,13 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
     dskd_projector_lr: float = Field(
         default=1e-3, gt=0.0, allow_inf_nan=False, description="Learning rate of the projectors."
     )
+    dskd_grad_clip: Literal["joint", "separate"] = Field(
+        default="joint",
+        description="How max_grad_norm clips: joint, one norm over the student and the projectors "
+        "together; separate, the student's parameters on their own norm (as Hugging Face clips a "
+        "model) and the projectors on theirs, so the projectors' large early gradients do not "
+        "shrink the student's step.",
+    )
     dskd_projectors: str | None = Field(
         default=None, description="Projectors to start from (a .safetensors file or a folder)."
     )
