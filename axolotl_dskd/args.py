@@ -69,7 +69,7 @@ class DSKDArgs(_DSKDLossArgs):  # type: ignore[misc, valid-type]
         default=1e-3, gt=0.0, allow_inf_nan=False, description="Learning rate of the projectors."
     )
     dskd_grad_clip: Literal["joint", "separate"] = Field(
-        default="joint",
+        default="separate",
         description="How max_grad_norm clips: joint, one norm over the student and the projectors "
         "together; separate, the student's parameters on their own norm (as Hugging Face clips a "
         "model) and the projectors on theirs, so the projectors' large early gradients do not "

@@ -141,7 +141,7 @@ def test_loss_config_fields_carry_docs_and_bounds():
 
 
 def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
-    """One global gradient norm over the student and the projectors, as if they were one model:
+    """dskd_grad_clip: joint: one global gradient norm over the student and the projectors, as if they were one model:
     with SGD (lr 1) and max_grad_norm 1e-3, one step moves all their parameters together by at
     most 1e-3, the projectors included (HF's Trainer clips only the model's own parameters)."""
     from datasets import Dataset
@@ -158,7 +158,7 @@ def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
         assets, tmp_path,
         {"per_device_train_batch_size": 4, "optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant",
          "max_grad_norm": 1e-3, "weight_decay": 0.0},
-        dskd_projector_lr=1.0,
+        dskd_projector_lr=1.0, dskd_grad_clip="joint",
     )  # fmt: skip
     trainer.train_dataset = Dataset.from_list(rows)
     trainer.data_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
