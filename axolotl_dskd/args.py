@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from axolotl_dskd.divergences import Divergence
-from axolotl_dskd.loss import DSKDLossConfig, T2sTarget, TokenAlignment
+from axolotl_dskd.loss import DSKDLossConfig, TokenAlignment
 from axolotl_dskd.validation import check_teacher_setup
 
 PREFIX = "dskd_"
@@ -80,15 +80,19 @@ class DSKDArgs(BaseModel):
     dskd_skew_lambda: float = loss_key("skew_lambda")
     dskd_akl_alpha: float = loss_key("akl_alpha")
     dskd_token_alignment: TokenAlignment = loss_key("token_alignment")
-    dskd_t2s_target: T2sTarget = loss_key("t2s_target")
-    dskd_kd_student_correct_only: bool = loss_key("kd_student_correct_only")
-    dskd_teacher_space_weight: float = loss_key("teacher_space_weight")
     dskd_chunk_size: int | None = loss_key("chunk_size")
     dskd_compile: bool = loss_key("compile")
 
     # -- the projectors -----------------------------------------------------------------------------
     dskd_projector_lr: float = Field(
         default=1e-3, gt=0.0, allow_inf_nan=False, description="Learning rate of the projectors."
+    )
+    dskd_grad_clip: Literal["joint", "separate"] = Field(
+        default="separate",
+        description="How max_grad_norm clips: joint, one norm over the student and the projectors "
+        "together; separate, the student's parameters on their own norm (as Hugging Face clips a "
+        "model) and the projectors on theirs, so the projectors' large early gradients do not "
+        "shrink the student's step.",
     )
     dskd_projectors: str | None = Field(
         default=None, description="Projectors to start from (a .safetensors file or a folder)."

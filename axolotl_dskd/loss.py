@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from axolotl_dskd.chunking import chunked_token_sum
-from axolotl_dskd.divergences import DIVERGENCES, Divergence, forward_kl, get_divergence
+from axolotl_dskd.divergences import DIVERGENCES, Divergence, get_divergence
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24
@@ -30,8 +30,6 @@ RATIO_METRICS = ("t2s_acc", "aligned_frac")
 """Metrics that are shares of this micro-batch's trained tokens, not sums over ``N``."""
 TOKEN_ALIGNMENTS = ("cma", "exact", "exact+cma")
 TokenAlignment = Literal["cma", "exact", "exact+cma"]
-T2S_TARGETS = ("label", "teacher")
-T2sTarget = Literal["label", "teacher"]
 
 
 def _setting(default: Any, doc: str, **bounds: Any) -> Any:
@@ -76,20 +74,6 @@ class DSKDLossConfig:
         "Cross-tokenizer pairing of student and teacher positions: cma (cross-model attention), "
         "exact (positions where both have read the same text, the rest CE only), exact+cma.",
     )
-    t2s_target: T2sTarget = _setting(
-        "label",
-        "What t2s_ce trains the projected teacher toward: label (the paper: the gold token) or "
-        "teacher (DSKDv2-style: the teacher's own distribution, KL at temperature 1, so t2s "
-        "stays a copy of the teacher; one vocabulary only).",
-    )
-    kd_student_correct_only: bool = _setting(
-        False,
-        "kd_student only where the projected teacher's top-1 is the label, for position-paired "
-        "tokens too (the paper masks only tokens paired by cross-model attention).",
-    )
-    teacher_space_weight: float = _setting(
-        1.0, "Weight of kd_teacher inside r (...).", ge=0.0, allow_inf_nan=False
-    )
     chunk_size: int | None = _setting(
         None, "Trained tokens per vocabulary chunk; default max(16, 2**24 // vocabulary).", ge=1
     )
@@ -100,12 +84,9 @@ class DSKDLossConfig:
             ("divergence", DIVERGENCES),
             ("teacher_space_divergence", DIVERGENCES),
             ("token_alignment", TOKEN_ALIGNMENTS),
-            ("t2s_target", T2S_TARGETS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
-        if self.t2s_target == "teacher" and self.cross_tokenizer:
-            raise ValueError("t2s_target='teacher' needs one vocabulary (cross_tokenizer=False)")
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None or isinstance(value, (bool, str)):
@@ -173,33 +154,24 @@ def _student_space_chunk(
     targets: Tensor,
     t2s_valid: Tensor,
     by_attention: Tensor,
-    *rest: Tensor,
+    lm_head: Tensor,
+    *,
     config: DSKDLossConfig,
 ) -> tuple[Tensor, Tensor]:
     """CE, t2s_ce and kd_student over a chunk of trained student tokens.
 
     ``by_attention`` marks the tokens whose projected teacher comes from cross-model attention:
     there kd_student counts only where that projected teacher predicts the label (the paper's
-    accuracy mask); a teacher state paired position by position is distilled everywhere unless
-    ``config.kd_student_correct_only``. ``rest`` is ``(lm_head,)``, or with
-    ``config.t2s_target == "teacher"`` ``(teacher_rows, lm_head, teacher_lm_head)``: the
-    teacher's state at each token, whose distribution t2s_ce then targets.
+    accuracy mask); a teacher state paired position by position is distilled everywhere.
     Stats: ``[ce, t2s_ce, kd_student, t2s_correct]`` sums.
     """
-    teacher_rows, lm_head, teacher_lm_head = rest if len(rest) == 3 else (None, rest[0], None)
     divergence = get_divergence(config.divergence, config.skew_lambda, config.akl_alpha)
     z_s = _logits(hidden, lm_head)
     z_t2s = _logits(t2s_hidden, lm_head.detach())
     ce = F.cross_entropy(z_s, targets, reduction="none")
-    if teacher_rows is None:
-        t2s_term = F.cross_entropy(z_t2s, targets, reduction="none")
-    else:
-        with torch.no_grad():
-            log_p_t = F.log_softmax(_logits(teacher_rows, teacher_lm_head), dim=-1)
-        t2s_term = forward_kl(F.log_softmax(z_t2s, dim=-1), log_p_t)
-    t2s_ce = torch.where(t2s_valid, t2s_term, 0.0)
+    t2s_ce = torch.where(t2s_valid, F.cross_entropy(z_t2s, targets, reduction="none"), 0.0)
     correct = t2s_valid & (z_t2s.detach().argmax(-1) == targets)
-    kd_mask = correct if config.kd_student_correct_only else torch.where(by_attention, correct, t2s_valid)
+    kd_mask = torch.where(by_attention, correct, t2s_valid)
     log_q = F.log_softmax(z_s / config.temperature, dim=-1)
     log_p = F.log_softmax(z_t2s.detach() / config.temperature, dim=-1)
     kd = torch.where(kd_mask, divergence(log_q, log_p), 0.0)
@@ -223,7 +195,7 @@ def _teacher_space_chunk(
         log_p = F.log_softmax(_logits(teacher_hidden, lm_head) / config.temperature, dim=-1)
     log_q = F.log_softmax(_logits(s2t_hidden, lm_head) / config.temperature, dim=-1)
     kd = torch.where(valid, divergence(log_q, log_p), 0.0).sum()
-    return config.kd_rate * config.teacher_space_weight * kd, kd.detach().reshape(1)
+    return config.kd_rate * kd, kd.detach().reshape(1)
 
 
 def _maybe_compile(fn, config: DSKDLossConfig):
@@ -493,15 +465,11 @@ def dskd_loss(
     else:
         pairs = _same_vocabulary_pairs(proj, h_s, teacher_hidden[:, :-1], m_s)
 
-    token_inputs = (h_s[m_s], pairs.t2s, y_s[m_s], pairs.t2s_valid, pairs.by_attention)
-    heads: tuple[Tensor, ...] = (student_lm_head,)
-    if config.t2s_target == "teacher":  # one vocabulary: pairs.teacher is row for row
-        token_inputs, heads = (*token_inputs, pairs.teacher), (student_lm_head, teacher_lm_head)
     student_side, stats_s = chunked_token_sum(
         _maybe_compile(partial(_student_space_chunk, config=config), config),
-        token_inputs,
-        heads,
-        config.tokens_per_chunk(max(h.shape[0] for h in heads)),
+        (h_s[m_s], pairs.t2s, y_s[m_s], pairs.t2s_valid, pairs.by_attention),
+        (student_lm_head,),
+        config.tokens_per_chunk(student_lm_head.shape[0]),
     )
     teacher_side, stats_t = chunked_token_sum(
         _maybe_compile(partial(_teacher_space_chunk, config=config), config),

@@ -174,6 +174,10 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
     @override
     def _clip_grad_norm(self, model: nn.Module) -> Tensor:
         self._sync_projector_gradients()
+        if self.args.dskd_grad_clip == "separate" and self.projectors is not None:
+            # the projectors on their own norm; the returned (logged) norm is the student's
+            torch.nn.utils.clip_grad_norm_(list(self.projectors.parameters()), self.args.max_grad_norm)
+            return self.accelerator.clip_grad_norm_(list(model.parameters()), self.args.max_grad_norm)
         return self.accelerator.clip_grad_norm_(self._trained_parameters(model), self.args.max_grad_norm)
 
     @override

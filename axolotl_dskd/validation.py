@@ -65,12 +65,6 @@ def check_teacher_setup(cfg: Any) -> None:
         )
     if cfg.dskd_cross_tokenizer == "auto":
         cfg.dskd_cross_tokenizer = not info.same_vocabulary
-    if cfg.dskd_t2s_target == "teacher" and cfg.dskd_cross_tokenizer:
-        raise ValueError(
-            "dskd_t2s_target: teacher trains the projected teacher toward the teacher's own "
-            "distribution, which needs one vocabulary, but this pair has two tokenizations. Use "
-            "dskd_t2s_target: label."
-        )
     unreadable = without_token_bytes(student, info.tokenizer) if cfg.dskd_cross_tokenizer else None
     if unreadable and cfg.dskd_token_alignment != "cma":
         raise ValueError(

@@ -9,7 +9,8 @@ a held-out split never trained on. The teacher's final hidden states are compute
 
 Each arm runs the project's own loss (``dskd_loss`` / ``vanilla_kd_loss``, ``Projectors``,
 ``logit_equivalent_projectors``) with the trainer's optimizer layout: AdamW, the projectors in
-their own group at ``--projector-lr``, one gradient norm clipped over student and projectors.
+their own group (``projector_lr``, default 1e-3), one gradient norm clipped over student and
+projectors (``clip: separate``: each on its own, ``dskd_grad_clip: separate``).
 Prints one JSON line per run (held-out answer NLL per token and per byte, the loss terms).
 
     PYTHONPATH=. python benchmarks/real_pair_sweep.py --arms sft vanilla_kd dskd_paper --seeds 0 1
@@ -42,6 +43,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "vanilla_kd": {"method": "vanilla_kd"},
     "dskd_paper": {"method": "dskd", "init": "random"},
     "dskd_default": {"method": "dskd", "init": "pinv"},
+    "dskd_plr1e-5": {"method": "dskd", "init": "pinv", "projector_lr": 1e-5},
+    "dskd_sepclip": {"method": "dskd", "init": "pinv", "clip": "separate"},
+    "dskd_sepclip_T1": {"method": "dskd", "init": "pinv", "clip": "separate", "loss": {"temperature": 1.0}},
+    "vanilla_kd_T1": {"method": "vanilla_kd", "loss": {"temperature": 1.0}},
 }
 
 

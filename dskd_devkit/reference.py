@@ -53,9 +53,6 @@ _DEFAULTS = {
     "akl_alpha": 0.5,
     "cross_tokenizer": False,
     "token_alignment": "cma",
-    "t2s_target": "label",
-    "kd_student_correct_only": False,
-    "teacher_space_weight": 1.0,
 }
 F64 = torch.float64
 
@@ -152,9 +149,7 @@ def _norm(x: Tensor, valid: Tensor) -> Tensor:
 def _config(config: Any) -> Any:
     if config is None:
         return SimpleNamespace(**_DEFAULTS)
-    return SimpleNamespace(
-        **{**_DEFAULTS, **{k: getattr(config, k) for k in _DEFAULTS if hasattr(config, k)}}
-    )
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,15 +224,11 @@ def reference_dskd_loss(
     if not cfg.cross_tokenizer:
         # ---------------- same vocabulary: M_t = M_s, y_t = y_s ----------------
         z_t2s = _linear64(proj.t2s, h_t) @ W_s_sg.T  # teacher projected into the student space
-        if cfg.t2s_target == "teacher":  # KL(teacher || projected teacher) at temperature 1
-            t2s_ce = reference_divergence("forward_kl", z_t2s[m_s], z_t[m_s], temperature=1.0).sum() / N
-        else:
-            t2s_ce = _ce(z_t2s[m_s], y_s[m_s]).sum() / N
-        correct = m_s & (z_t2s.argmax(-1) == y_s)
-        kd_rows = correct if cfg.kd_student_correct_only else m_s
-        kd_stu = div(cfg.divergence, z_s[kd_rows], z_t2s[kd_rows].detach()).sum() / N
+        t2s_ce = _ce(z_t2s[m_s], y_s[m_s]).sum() / N
+        kd_stu = div(cfg.divergence, z_s[m_s], z_t2s[m_s].detach()).sum() / N
         z_s2t = _linear64(proj.s2t, h_s) @ W_t.T  # student projected into the teacher space
         kd_tea = div(cfg.teacher_space_divergence, z_s2t[m_s], z_t[m_s]).sum() / N
+        correct = m_s & (z_t2s.argmax(-1) == y_s)
     else:
         # ---------------- different vocabularies ----------------
         mode = cfg.token_alignment
@@ -262,8 +253,7 @@ def reference_dskd_loss(
                 h_j = H_t[b, j]
                 z_t2s_bi = _linear64(proj.t2s, h_j) @ W_s_sg.T
                 t2s_ce = t2s_ce + _ce(z_t2s_bi[None], y_s[b, i][None]).sum() / N
-                if not cfg.kd_student_correct_only or bool(z_t2s_bi.argmax() == y_s[b, i]):
-                    kd_stu = kd_stu + div(cfg.divergence, z_s[b, i][None], z_t2s_bi[None].detach()).sum() / N
+                kd_stu = kd_stu + div(cfg.divergence, z_s[b, i][None], z_t2s_bi[None].detach()).sum() / N
                 z_s2t_bi = _linear64(proj.s2t, h_s[b, i]) @ W_t.T
                 z_t_j = h_j @ W_t.T
                 kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t_bi[None], z_t_j[None]).sum() / N
@@ -323,7 +313,7 @@ def reference_dskd_loss(
         kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t[cols], z_t[cols]).sum() / N
 
     r = float(cfg.kd_rate)
-    loss = (1.0 - r) * ce + r * (kd_stu + t2s_ce + float(cfg.teacher_space_weight) * kd_tea)
+    loss = (1.0 - r) * ce + r * (kd_stu + t2s_ce + kd_tea)
     t2s_acc = correct.sum().to(F64) / n_trained.to(F64).clamp_min(1.0)
     metrics = {
         "ce": ce,

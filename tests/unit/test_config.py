@@ -77,7 +77,6 @@ def test_equal_sized_vocabularies_with_different_tokens_are_different(assets, tm
         ({"sequence_len": 1024}, "sequence_len"),  # the tiny teacher's context is 512
         ({"dskd_method": "vanilla_kd", "student": "student_sp"}, "dskd_method"),
         ({"dskd_cross_tokenizer": False, "student": "student_sp"}, "dskd_cross_tokenizer"),
-        ({"dskd_t2s_target": "teacher", "student": "student_sp"}, "dskd_t2s_target: teacher"),
         ({"dskd_teacher_cache_dtype": "int8"}, "dskd_teacher_cache_dtype is set without dskd_teacher_cache"),
         (
             {

@@ -28,9 +28,6 @@ NOT_DEFAULT = {
     "chunk_size": 17,
     "compile": True,
     "token_alignment": "cma",
-    "t2s_target": "teacher",
-    "kd_student_correct_only": True,
-    "teacher_space_weight": 0.5,
 }
 """A value other than the default for every loss setting with a YAML key."""
 
@@ -149,7 +146,7 @@ def test_loss_config_fields_carry_docs_and_bounds():
 
 
 def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
-    """One global gradient norm over the student and the projectors, as if they were one model:
+    """dskd_grad_clip: joint: one global gradient norm over the student and the projectors, as if they were one model:
     with SGD (lr 1) and max_grad_norm 1e-3, one step moves all their parameters together by at
     most 1e-3, the projectors included (HF's Trainer clips only the model's own parameters)."""
     from datasets import Dataset
@@ -166,7 +163,7 @@ def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
         assets, tmp_path,
         {"per_device_train_batch_size": 4, "optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant",
          "max_grad_norm": 1e-3, "weight_decay": 0.0},
-        dskd_projector_lr=1.0,
+        dskd_projector_lr=1.0, dskd_grad_clip="joint",
     )  # fmt: skip
     trainer.train_dataset = Dataset.from_list(rows)
     trainer.data_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -230,3 +227,39 @@ def test_uld_runs_the_uld_loss_on_the_teachers_own_labels(assets, tmp_path):
     )
     torch.testing.assert_close(out.loss, expected.loss)
     assert float(out.metrics["aligned_frac"]) == 1.0  # 8 student answer tokens, 9 teacher ones
+
+
+def test_separate_grad_clip_clips_student_and_projectors_each_on_their_own(assets, tmp_path):
+    """dskd_grad_clip: separate: with SGD (lr 1) and max_grad_norm 1e-3, the student's step and
+    the projectors' step are each at most 1e-3, and together more than 1e-3 (both clipped)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+    from dskd_devkit.task import arithmetic_rows, encode_row
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["student"])
+    rows = []
+    for row in arithmetic_rows(4, seed=5):
+        ids, labels = encode_row(tokenizer, row)
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    trainer = _trainer_from_yaml(
+        assets, tmp_path,
+        {"per_device_train_batch_size": 4, "optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant",
+         "max_grad_norm": 1e-3, "weight_decay": 0.0},
+        dskd_projector_lr=1.0, dskd_grad_clip="separate",
+    )  # fmt: skip
+    trainer.train_dataset = Dataset.from_list(rows)
+    trainer.data_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    groups = {
+        "student": dict(trainer.model.named_parameters()),
+        "projectors": dict(trainer.projectors.named_parameters()),
+    }
+    before = {g: {n: p.detach().clone() for n, p in ps.items()} for g, ps in groups.items()}
+    trainer.train()
+    norms = {
+        g: torch.stack([(p.detach() - before[g][n]).norm() for n, p in ps.items()]).norm()
+        for g, ps in groups.items()
+    }
+    for g, norm in norms.items():
+        assert norm <= 1e-3 * (1 + 1e-4), g
+        assert norm > 0.5e-3, g  # clipped to the bound, not shrunk by the other group's norm
