@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from pydantic import Field
+from torch import Tensor
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from axolotl_dskd.args import DSKDArgs
@@ -145,10 +146,9 @@ def test_loss_config_fields_carry_docs_and_bounds():
     )
 
 
-def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
-    """dskd_grad_clip: joint: one global gradient norm over the student and the projectors, as if they were one model:
-    with SGD (lr 1) and max_grad_norm 1e-3, one step moves all their parameters together by at
-    most 1e-3, the projectors included (HF's Trainer clips only the model's own parameters)."""
+def _one_clipped_sgd_step(assets, tmp_path, grad_clip: str) -> dict[str, dict[str, Tensor]]:
+    """One optimizer step of SGD (lr 1, student and projectors) with max_grad_norm 1e-3 and
+    ``dskd_grad_clip``: how far each parameter moved, ``{"student": {...}, "projectors": {...}}``."""
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
@@ -163,17 +163,27 @@ def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
         assets, tmp_path,
         {"per_device_train_batch_size": 4, "optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant",
          "max_grad_norm": 1e-3, "weight_decay": 0.0},
-        dskd_projector_lr=1.0, dskd_grad_clip="joint",
+        dskd_projector_lr=1.0, dskd_grad_clip=grad_clip,
     )  # fmt: skip
     trainer.train_dataset = Dataset.from_list(rows)
     trainer.data_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    params = {f"student.{n}": p for n, p in trainer.model.named_parameters()}
-    params.update({f"projectors.{n}": p for n, p in trainer.projectors.named_parameters()})
-    before = {n: p.detach().clone() for n, p in params.items()}
+    groups = {
+        "student": dict(trainer.model.named_parameters()),
+        "projectors": dict(trainer.projectors.named_parameters()),
+    }
+    before = {g: {n: p.detach().clone() for n, p in ps.items()} for g, ps in groups.items()}
     trainer.train()
-    step = {n: (p.detach() - before[n]).norm() for n, p in params.items()}
-    assert torch.stack(list(step.values())).norm() <= 1e-3 * (1 + 1e-4)
-    assert all(step[n] > 0 for n in step if n.startswith("projectors."))
+    return {g: {n: (p.detach() - before[g][n]).norm() for n, p in ps.items()} for g, ps in groups.items()}
+
+
+def test_max_grad_norm_clips_the_projectors_with_the_student(assets, tmp_path):
+    """dskd_grad_clip: joint: one global gradient norm over the student and the projectors, as
+    if they were one model: one step moves all their parameters together by at most
+    max_grad_norm, the projectors included (HF's Trainer clips only the model's own parameters)."""
+    steps = _one_clipped_sgd_step(assets, tmp_path, "joint")
+    everything = [norm for group in steps.values() for norm in group.values()]
+    assert torch.stack(everything).norm() <= 1e-3 * (1 + 1e-4)
+    assert all(norm > 0 for norm in steps["projectors"].values())
 
 
 @pytest.mark.parametrize("meta", [True, False], ids=["weights_removed", "not_a_dskd_checkpoint"])
@@ -230,36 +240,10 @@ def test_uld_runs_the_uld_loss_on_the_teachers_own_labels(assets, tmp_path):
 
 
 def test_separate_grad_clip_clips_student_and_projectors_each_on_their_own(assets, tmp_path):
-    """dskd_grad_clip: separate: with SGD (lr 1) and max_grad_norm 1e-3, the student's step and
-    the projectors' step are each at most 1e-3, and together more than 1e-3 (both clipped)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
-
-    from dskd_devkit.task import arithmetic_rows, encode_row
-
-    tokenizer = AutoTokenizer.from_pretrained(assets["student"])
-    rows = []
-    for row in arithmetic_rows(4, seed=5):
-        ids, labels = encode_row(tokenizer, row)
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    trainer = _trainer_from_yaml(
-        assets, tmp_path,
-        {"per_device_train_batch_size": 4, "optim": "sgd", "learning_rate": 1.0, "lr_scheduler_type": "constant",
-         "max_grad_norm": 1e-3, "weight_decay": 0.0},
-        dskd_projector_lr=1.0, dskd_grad_clip="separate",
-    )  # fmt: skip
-    trainer.train_dataset = Dataset.from_list(rows)
-    trainer.data_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    groups = {
-        "student": dict(trainer.model.named_parameters()),
-        "projectors": dict(trainer.projectors.named_parameters()),
-    }
-    before = {g: {n: p.detach().clone() for n, p in ps.items()} for g, ps in groups.items()}
-    trainer.train()
-    norms = {
-        g: torch.stack([(p.detach() - before[g][n]).norm() for n, p in ps.items()]).norm()
-        for g, ps in groups.items()
-    }
-    for g, norm in norms.items():
+    """dskd_grad_clip: separate: the student's step and the projectors' step are each at most
+    max_grad_norm, and together more than it (both clipped)."""
+    steps = _one_clipped_sgd_step(assets, tmp_path, "separate")
+    for g, group in steps.items():
+        norm = torch.stack(list(group.values())).norm()
         assert norm <= 1e-3 * (1 + 1e-4), g
         assert norm > 0.5e-3, g  # clipped to the bound, not shrunk by the other group's norm
