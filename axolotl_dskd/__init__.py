@@ -1,7 +1,9 @@
 """Dual-Space Knowledge Distillation for Axolotl.
 
-``axolotl_dskd.loss`` is framework-free; the Axolotl plugin is imported only when asked for,
-so the loss can be used without Axolotl installed.
+Three tiers, imports one way: :mod:`axolotl_dskd.core` (the loss, the token alignment, the
+teacher: framework-free) <- :mod:`axolotl_dskd.integration` (the Axolotl plugin) <- the commands
+here (``cache_teacher``, ``evaluate``, ``dolly``). The plugin is imported only when asked for, so
+the core can be used without Axolotl installed.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ __version__ = "0.1.0"
 __all__ = ["DSKDPlugin", "__version__"]
 
 if TYPE_CHECKING:
-    from axolotl_dskd.plugin import DSKDPlugin
+    from axolotl_dskd.integration.plugin import DSKDPlugin
 
 
 def __getattr__(name: str) -> Any:
     if name == "DSKDPlugin":
-        from axolotl_dskd.plugin import DSKDPlugin
+        from axolotl_dskd.integration.plugin import DSKDPlugin
 
         return DSKDPlugin
     raise AttributeError(f"module 'axolotl_dskd' has no attribute {name!r}")

@@ -5,11 +5,11 @@ Also ``python -m axolotl_dskd.cache_teacher config.yml``, and under ``accelerate
 exactly as for training (the same prepared dataset, the teacher's own chat rendering included),
 the teacher is loaded as configured (4-bit, 8-bit or full precision) and run over the training
 and evaluation samples in length-sorted batches; the states the loss reads are written to
-``dskd_teacher_cache`` (format: :mod:`axolotl_dskd.teacher_cache`). Running the command again
+``dskd_teacher_cache`` (format: :mod:`axolotl_dskd.core.teacher_cache`). Running the command again
 resumes an interrupted build, replaces a cache built for another run, and verifies a finished one.
 
 What a cache is built from, and the refusal of a stale one at config validation, live in
-:mod:`axolotl_dskd.cache_identity`.
+:mod:`axolotl_dskd.integration.cache_identity`.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ from axolotl.loaders import load_tokenizer
 from torch import Tensor
 from tqdm import tqdm
 
-from axolotl_dskd import teacher_cache
-from axolotl_dskd.args import loss_config
-from axolotl_dskd.cache_identity import KEY, building_cache, run_identity
-from axolotl_dskd.chat_data import TEACHER_COLUMNS, columns_of
-from axolotl_dskd.configured import configured_teacher, teacher_token_builder
-from axolotl_dskd.loss import IGNORE_INDEX, DSKDLossConfig, teacher_positions_read
-from axolotl_dskd.models import teacher_forward_inputs, teacher_hidden_states
-from axolotl_dskd.teacher_cache import PlannedSample, TeacherCacheError
+from axolotl_dskd.core import teacher_cache
+from axolotl_dskd.core.loss import IGNORE_INDEX, DSKDLossConfig, teacher_positions_read
+from axolotl_dskd.core.models import teacher_forward_inputs, teacher_hidden_states
+from axolotl_dskd.core.teacher_cache import PlannedSample, TeacherCacheError
+from axolotl_dskd.integration.args import loss_config
+from axolotl_dskd.integration.cache_identity import KEY, building_cache, run_identity
+from axolotl_dskd.integration.chat_data import TEACHER_COLUMNS, columns_of
+from axolotl_dskd.integration.configured import configured_teacher, teacher_token_builder
 
 LOG = logging.getLogger(__name__)
 
@@ -210,7 +210,4 @@ def cli(config: str, shard_size: float, overwrite: bool) -> None:
 
 
 if __name__ == "__main__":
-    # through the package module, not this __main__ copy: validation reads the building flag there
-    from axolotl_dskd.cache_teacher import cli as main
-
-    main()
+    cli()

@@ -283,9 +283,9 @@ def gathered(params):
 
 
 def apply(patches):
-    import axolotl_dskd.plugin as plugin
-    import axolotl_dskd.trainer as tr
-    from axolotl_dskd.models import causal_lm
+    import axolotl_dskd.integration.plugin as plugin
+    import axolotl_dskd.integration.trainer as tr
+    from axolotl_dskd.core.models import causal_lm
 
     if "teacher" in patches:
         _load = plugin.load_teacher

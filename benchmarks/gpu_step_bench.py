@@ -5,7 +5,7 @@ Measured side by side, in one process, on the same resident models:
 
   (a) ``sft``            plain LoRA SFT of the student: forward with labels, backward, AdamW step
   (b) ``teacher_fwd:*``  the teacher's forward alone, exactly as DSKD calls it
-                         (``axolotl_dskd.models.teacher_hidden_states``, no full logits)
+                         (``axolotl_dskd.core.models.teacher_hidden_states``, no full logits)
   (c) ``dskd_same``      the DSKD step, same vocabulary (Llama-2-7B-shaped teacher)
       ``dskd_cma``       the DSKD step, cross-tokenizer CMA (Qwen2.5-3B-shaped teacher)
 
@@ -13,7 +13,7 @@ The DSKD step is the trainer's code path (``DSKDTrainer.compute_loss``): student
 ``final_hidden_states`` (under bf16 autocast, as Accelerate wraps the student), teacher
 ``teacher_hidden_states``, ``dskd_loss`` with ``Projectors``, backward, one AdamW step over the
 LoRA and projector parameters. The teacher is quantized exactly as the plugin loads it
-(``axolotl_dskd.teacher.load_teacher``: nf4, double quantization, bf16 compute), from a
+(``axolotl_dskd.core.teacher.load_teacher``: nf4, double quantization, bf16 compute), from a
 random-weight checkpoint written once to ``--model-dir``.
 
 Per (sequence length, micro-batch) point and mode: median step time, tokens/s (student tokens
@@ -51,14 +51,14 @@ from typing import Any
 
 import torch
 
-from axolotl_dskd.loss import DSKDLossConfig, Projectors, dskd_loss
-from axolotl_dskd.models import (
+from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss
+from axolotl_dskd.core.models import (
     final_hidden_states,
     input_embedding_weight,
     lm_head_weight,
     teacher_hidden_states,
 )
-from axolotl_dskd.teacher import load_teacher
+from axolotl_dskd.core.teacher import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9

@@ -6,7 +6,7 @@
 For each point of the sweep (tokens per batch x teacher vocabulary x variant) the same random
 inputs are built (fixed seed) and one forward + backward of
 
-- ``chunked``:   ``axolotl_dskd.loss.dskd_loss`` (vocabulary products a chunk of trained
+- ``chunked``:   ``axolotl_dskd.core.loss.dskd_loss`` (vocabulary products a chunk of trained
   tokens at a time), and
 - ``unchunked``: ``dskd_devkit/unchunked.py`` (whole-batch ``[B, L, V]`` logits, as the
   authors' code; same precision as ``dskd_loss``)
@@ -35,7 +35,7 @@ printed as PASS/FAIL lines.
 
 Investigation knobs (they only change the chunked loss, in the worker process):
 ``--chunk-size N`` (``DSKDLossConfig.chunk_size``) and ``--chunk-elements E`` (monkeypatches
-``axolotl_dskd.loss.CHUNK_ELEMENTS``, the default chunk is ``E // V`` tokens).
+``axolotl_dskd.core.loss.CHUNK_ELEMENTS``, the default chunk is ``E // V`` tokens).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def make_inputs(point: Point, *, d_s: int, d_t: int, v_s: int, device: str, dtyp
     """
     import torch
 
-    from axolotl_dskd.loss import DSKDLossConfig, Projectors
+    from axolotl_dskd.core.loss import DSKDLossConfig, Projectors
 
     cma = point.variant == "cma"
     V_s = v_s if cma else point.v_t
@@ -189,7 +189,7 @@ class LossPasses:
     def __init__(self, spec: dict) -> None:
         import torch
 
-        import axolotl_dskd.loss as loss_mod
+        import axolotl_dskd.core.loss as loss_mod
 
         if spec.get("chunk_elements"):
             loss_mod.CHUNK_ELEMENTS = int(spec["chunk_elements"])
@@ -206,7 +206,7 @@ class LossPasses:
 
     def build(self, point: Point, **shape) -> tuple:
         """``make_inputs`` for ``point``, with the ``--chunk-size`` override in its config."""
-        from axolotl_dskd.loss import DSKDLossConfig
+        from axolotl_dskd.core.loss import DSKDLossConfig
 
         proj, inputs, cfg = make_inputs(
             point, device=self.spec["device"], dtype=self.dtype, seed=self.spec["seed"], **shape
@@ -227,7 +227,7 @@ class LossPasses:
 
     def step(self, impl: str, proj, inputs: dict, cfg) -> tuple[float, float]:
         """Seconds and loss value of one forward + backward of ``impl``; the gradients are cleared after."""
-        from axolotl_dskd.loss import dskd_loss
+        from axolotl_dskd.core.loss import dskd_loss
         from dskd_devkit.unchunked import unchunked_dskd_loss
 
         self.sync()
@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--chunk-elements",
         type=int,
         default=None,
-        help="monkeypatch axolotl_dskd.loss.CHUNK_ELEMENTS in the workers",
+        help="monkeypatch axolotl_dskd.core.loss.CHUNK_ELEMENTS in the workers",
     )
     ap.add_argument(
         "--points", default=None, help="only these points: 'tokens:v_t:variant,...' (e.g. 2048:64000:cma)"

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from axolotl_dskd.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss, vanilla_kd_loss
-from axolotl_dskd.projector_init import logit_equivalent_projectors
-from axolotl_dskd.vocabulary import shared_vocabulary
+from axolotl_dskd.core.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss, vanilla_kd_loss
+from axolotl_dskd.core.projector_init import logit_equivalent_projectors
+from axolotl_dskd.core.vocabulary import shared_vocabulary
 from dskd_devkit.real_models import CACHE, smollm2
 from dskd_devkit.stdlib_qa import split, stdlib_pairs
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from axolotl_dskd.teacher_cache import read_manifest
+from axolotl_dskd.core.teacher_cache import read_manifest
 from dskd_devkit.axolotl_runs import CPU_LORA_BASE, cache_command, train_command, train_env, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,9 +164,9 @@ def storage_precision() -> list[dict[str, Any]]:
     in each dtype instead of float32; int8 also with one plain per-token scale (no channel kept)."""
     import torch
 
-    from axolotl_dskd.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss
-    from axolotl_dskd.models import teacher_hidden_states
-    from axolotl_dskd.teacher_cache import decode, encode
+    from axolotl_dskd.core.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss
+    from axolotl_dskd.core.models import teacher_hidden_states
+    from axolotl_dskd.core.teacher_cache import decode, encode
     from dskd_devkit.real_models import smollm2
 
     model, tokenizer = smollm2()

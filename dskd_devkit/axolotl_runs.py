@@ -269,7 +269,7 @@ def dskd_trainer(
     bind_plugin_training_args()
     from axolotl.core.training_args import AxolotlTrainingArguments
 
-    from axolotl_dskd.trainer import DSKDTrainer
+    from axolotl_dskd.integration.trainer import DSKDTrainer
 
     defaults = {
         "per_device_train_batch_size": 2, "max_steps": 1, "report_to": [], "save_strategy": "no",

@@ -57,10 +57,10 @@ def run_scenario(name: str, assets: dict[str, str], out: Path, *, world_size: in
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-    from axolotl_dskd.collator import DSKDDataCollator
-    from axolotl_dskd.loss import Projectors
-    from axolotl_dskd.teacher import load_teacher
-    from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+    from axolotl_dskd.core.loss import Projectors
+    from axolotl_dskd.core.teacher import load_teacher
+    from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder
+    from axolotl_dskd.integration.collator import DSKDDataCollator
     from dskd_devkit.axolotl_runs import dskd_trainer
 
     spec = SCENARIOS[name]

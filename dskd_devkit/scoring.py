@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from axolotl_dskd.loss import IGNORE_INDEX
+from axolotl_dskd.core.loss import IGNORE_INDEX
 from dskd_devkit.task import PROMPT_FORMAT, encode_prompt, encode_row
 from dskd_devkit.training import pad_batch, pad_id_of
 

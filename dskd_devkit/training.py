@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from axolotl_dskd.loss import IGNORE_INDEX
+from axolotl_dskd.core.loss import IGNORE_INDEX
 from dskd_devkit.task import PROMPT_FORMAT, encode_row
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ A plain transcription of ``docs/dskd.md``, written the way the authors' code com
 loss: every vocabulary-sized tensor (``z_s``, ``z_t``, ``z_t2s``, ``z_s2t`` and their
 log-probabilities) exists for the **whole batch, every position** (``[B, L, V]``) and autograd
 keeps what it needs for the backward pass. Unlike :mod:`dskd_devkit.reference` (float64, the
-correctness yardstick) it runs in the inputs' precision, as ``axolotl_dskd.loss.dskd_loss`` does:
+correctness yardstick) it runs in the inputs' precision, as ``axolotl_dskd.core.loss.dskd_loss`` does:
 
 - vocabulary products in the LM head's dtype (bf16 stays bf16; fp16 is widened to float32,
   its logits overflow), the logits then cast to float32;
@@ -131,7 +131,7 @@ def unchunked_dskd_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The DSKD loss of one micro-batch with whole-batch ``[B, L, V]`` logits.
 
-    Same keyword arguments as ``axolotl_dskd.loss.dskd_loss``; returns ``(loss, metrics)``
+    Same keyword arguments as ``axolotl_dskd.core.loss.dskd_loss``; returns ``(loss, metrics)``
     with metrics ``ce``, ``kd_student``, ``kd_teacher``, ``t2s_ce``, ``t2s_acc``, ``aligned_frac``.
     """
     cfg = config if config is not None else SimpleNamespace(**_DEFAULTS)

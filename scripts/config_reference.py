@@ -1,5 +1,5 @@
 """Writes docs/configuration.md, the reference of every ``dskd_*`` key, from the plugin's own
-schema (:class:`axolotl_dskd.args.DSKDArgs`): ``python scripts/config_reference.py``. A test
+schema (:class:`axolotl_dskd.integration.args.DSKDArgs`): ``python scripts/config_reference.py``. A test
 fails when the page and the schema differ."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from axolotl_dskd.args import DSKDArgs
+from axolotl_dskd.integration.args import DSKDArgs
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
@@ -39,7 +39,7 @@ def reference() -> str:
     lines = [
         "# Configuration: every `dskd_*` key",
         "",
-        "Generated from `axolotl_dskd/args.py` by `python scripts/config_reference.py`; do not edit by",
+        "Generated from `axolotl_dskd/integration/args.py` by `python scripts/config_reference.py`; do not edit by",
         "hand. Every key is inactive without `dskd_teacher`; a misspelled one is refused.",
         "",
         "| key | type | default | bounds | meaning |",

@@ -82,7 +82,7 @@ def test_teacher_code_never_runs_unless_trusted(assets, tmp_path):
 def test_teacher_of_a_known_architecture_loads_without_its_own_code(assets, tmp_path):
     """A repository that ships code for an architecture transformers already has: validation
     passes and the teacher loads with transformers' class; the shipped code never runs."""
-    from axolotl_dskd.teacher import load_teacher
+    from axolotl_dskd.core.teacher import load_teacher
 
     folder, marker = teacher_with_own_code(assets, tmp_path, "qwen2")
     load_config(dskd_config(assets, tmp_path, dskd_teacher=str(folder)), tmp_path)

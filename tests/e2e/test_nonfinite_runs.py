@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from axolotl_dskd.projector_io import WEIGHTS_NAME
+from axolotl_dskd.core.projector_io import WEIGHTS_NAME
 from dskd_devkit.axolotl_runs import assert_ok, dskd_config, run_train, training_logs
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from axolotl_dskd.teacher_cache import TeacherCache, read_manifest
+from axolotl_dskd.core.teacher_cache import TeacherCache, read_manifest
 from dskd_devkit.axolotl_runs import (
     assert_ok,
     dskd_config,

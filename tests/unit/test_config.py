@@ -44,7 +44,7 @@ def test_equal_sized_vocabularies_with_different_tokens_are_different(assets, tm
 
     from transformers import AutoTokenizer
 
-    from axolotl_dskd.teacher import same_vocabulary
+    from axolotl_dskd.core.teacher import same_vocabulary
 
     student = tmp_path / "swapped_student"
     shutil.copytree(assets["student"], student)
@@ -103,7 +103,7 @@ def test_missing_bitsandbytes_is_refused_before_loading(assets, tmp_path):
     config = write_config(dskd_config(assets, tmp_path), tmp_path / "c.yml")
     code = (
         "import sys; sys.path.insert(0, sys.argv[2]);"
-        "from axolotl_dskd.teacher import require_bitsandbytes;"
+        "from axolotl_dskd.core.teacher import require_bitsandbytes;"
         "require_bitsandbytes('dskd_teacher_load_in_4bit')"
     )
     proc = subprocess.run(
@@ -201,7 +201,7 @@ def test_an_unknown_dskd_key_is_refused_with_the_closest_known_one(assets, tmp_p
     "name",
     [
         "axolotl_dskd.DSKDPlgin",
-        "axolotl_dskd.plugin",
+        "axolotl_dskd.integration.plugin",
         "axolotl_dsdk",
         "axolotl_dsdk.DSKDPlugin",
         "axolotl-dskd",

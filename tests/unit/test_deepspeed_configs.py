@@ -90,7 +90,7 @@ def _load(cfg: dict, tmp_path: Path, monkeypatch) -> tuple[object, list]:
 def test_example_validates_with_the_plugin(name, assets, tmp_path, monkeypatch):
     from axolotl.integrations.base import PluginManager
 
-    from axolotl_dskd.plugin import DSKDPlugin
+    from axolotl_dskd.integration.plugin import DSKDPlugin
 
     stage = EXAMPLES[name]
     cfg, calls = _load(_example(name, assets, tmp_path), tmp_path, monkeypatch)

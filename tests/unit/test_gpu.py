@@ -1,6 +1,6 @@
 """CUDA checks (``pytest -m gpu``; skipped without CUDA, run by ``benchmarks/gpu_check.sh``).
 
-- The teacher loads through ``axolotl_dskd.teacher.load_teacher`` in 4-bit nf4 (double
+- The teacher loads through ``axolotl_dskd.core.teacher.load_teacher`` in 4-bit nf4 (double
   quantization, bf16 compute) and in 8-bit on the GPU: bitsandbytes layers, frozen, eval mode,
   smaller than bf16, finite final hidden states from ``teacher_hidden_states``.
 - ``dskd_loss`` in bf16 stays finite and close to float32 (loss, logged terms, gradients of the
@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from axolotl_dskd.loss import DSKDLossConfig, Projectors, dskd_loss
+from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss
 
 ON_CPU = os.environ.get("DSKD_GPU_TESTS_ON_CPU") == "1"
 pytestmark = [
@@ -62,7 +62,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def _load(path: Path, **quant):
-    from axolotl_dskd.teacher import load_teacher
+    from axolotl_dskd.core.teacher import load_teacher
 
     return load_teacher(str(path), device=DEVICE, dtype=torch.bfloat16, **quant)
 
@@ -74,7 +74,7 @@ def _bf16_footprint(path: Path) -> int:
 
 
 def _check_frozen_teacher(teacher, path: Path) -> torch.Tensor:
-    from axolotl_dskd.models import teacher_hidden_states
+    from axolotl_dskd.core.models import teacher_hidden_states
 
     assert not teacher.training, "the teacher must be in eval mode"
     assert not any(p.requires_grad for p in teacher.parameters()), "teacher parameters must be frozen"
@@ -256,8 +256,8 @@ def test_trainer_step_with_4bit_teacher(tiny_models, tmp_path, variant):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_dskd.collator import DSKDDataCollator
-    from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+    from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder
+    from axolotl_dskd.integration.collator import DSKDDataCollator
     from dskd_devkit.axolotl_runs import dskd_trainer
 
     cma = variant == "cma"

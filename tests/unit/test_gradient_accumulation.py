@@ -27,8 +27,8 @@ import pytest
 import torch
 from torch import Tensor
 
-import axolotl_dskd.loss as dskd_loss_module
-from axolotl_dskd.loss import DSKDLossConfig, Projectors, dskd_loss
+import axolotl_dskd.core.loss as dskd_loss_module
+from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss
 
 # Same vocabulary runs in float64 (logits and softmaxes still run in float32 inside the loss, by
 # the spec, so results agree to float32 rounding). CMA's attention mixes float32 keys with the
@@ -258,7 +258,7 @@ def test_same_vocab_loss_scaled_by_process_count_and_averaged_equals_one_batch()
 
 
 class ReplayNorm:
-    """Stand-in for ``axolotl_dskd.loss._normalized`` that records the std scalars of one call
+    """Stand-in for ``axolotl_dskd.core.loss._normalized`` that records the std scalars of one call
     of ``dskd_loss`` (key, teacher hidden, teacher target embedding: in that order) and then
     divides by the recorded scalars in later calls."""
 
@@ -363,7 +363,7 @@ def _train_one_step(assets, tmp_path, state, *, micro_batch: int, accumulation: 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-    from axolotl_dskd.teacher import load_teacher
+    from axolotl_dskd.core.teacher import load_teacher
     from dskd_devkit.axolotl_runs import dskd_trainer
 
     tokenizer = AutoTokenizer.from_pretrained(assets["student"])

@@ -32,10 +32,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from axolotl_dskd import projector_io
-from axolotl_dskd.divergences import DIVERGENCES
-from axolotl_dskd.loss import DSKDLossConfig, Projectors, dskd_loss
-from axolotl_dskd.projector_io import META_NAME, WEIGHTS_NAME, load_projectors, save_projectors
+from axolotl_dskd.core import projector_io
+from axolotl_dskd.core.divergences import DIVERGENCES
+from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss
+from axolotl_dskd.core.projector_io import META_NAME, WEIGHTS_NAME, load_projectors, save_projectors
 from dskd_devkit.axolotl_runs import (
     dskd_config,
     load_config,
@@ -233,8 +233,8 @@ def test_fp16_logits_beyond_fp16_range_stay_finite_and_match_float32(cross_token
 
 
 def test_special_token_differences_name_the_marker_and_an_example(assets, caplog):
-    from axolotl_dskd.plugin import warn_special_token_differences
-    from axolotl_dskd.teacher_tokens import special_token_differences
+    from axolotl_dskd.core.teacher_tokens import special_token_differences
+    from axolotl_dskd.integration.plugin import warn_special_token_differences
 
     student = AutoTokenizer.from_pretrained(assets["student_sp"])
     teacher = AutoTokenizer.from_pretrained(assets["teacher"])
@@ -252,7 +252,7 @@ def test_special_token_differences_name_the_marker_and_an_example(assets, caplog
 
 
 def test_out_of_memory_names_the_settings_to_lower():
-    from axolotl_dskd.trainer import explain_out_of_memory
+    from axolotl_dskd.integration.trainer import explain_out_of_memory
 
     original = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     with pytest.raises(torch.OutOfMemoryError) as info, explain_out_of_memory():
@@ -379,8 +379,8 @@ def test_malformed_rows_pass_the_builder_and_the_loss_without_nan(assets):
     longer than both models' contexts, batched with one ordinary row through the real
     tokenizers and models: nothing crashes, every term and gradient is finite, and a row
     without a trained teacher token adds nothing to the distillation terms."""
-    from axolotl_dskd.models import final_hidden_states, input_embedding_weight, lm_head_weight
-    from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+    from axolotl_dskd.core.models import final_hidden_states, input_embedding_weight, lm_head_weight
+    from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder
 
     student_tok = AutoTokenizer.from_pretrained(assets["student_sp"])
     teacher_tok = AutoTokenizer.from_pretrained(assets["teacher"])

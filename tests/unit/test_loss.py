@@ -1,4 +1,4 @@
-"""The DSKD loss (``axolotl_dskd.loss.dskd_loss``) against its math (``docs/dskd.md``).
+"""The DSKD loss (``axolotl_dskd.core.loss.dskd_loss``) against its math (``docs/dskd.md``).
 
 Most tests compare the project's (float32, chunked) loss with ``dskd_devkit.reference``, an
 independent float64 transcription of the math: the loss, every logged term, and the gradients
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from axolotl_dskd.loss import DSKDLossConfig, Projectors, dskd_loss
+from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss
 from dskd_devkit.reference import DIVERGENCE_NAMES as DIVERGENCES
 from dskd_devkit.reference import reference_divergence, reference_dskd_loss
 from dskd_devkit.unchunked import unchunked_dskd_loss

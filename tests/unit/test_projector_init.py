@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from axolotl_dskd.loss import Projectors
-from axolotl_dskd.projector_init import logit_equivalent_projectors
-from axolotl_dskd.vocabulary import shared_vocabulary
+from axolotl_dskd.core.loss import Projectors
+from axolotl_dskd.core.projector_init import logit_equivalent_projectors
+from axolotl_dskd.core.vocabulary import shared_vocabulary
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from axolotl_dskd import teacher_cache
-from axolotl_dskd.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss, teacher_positions_read
-from axolotl_dskd.teacher_cache import TeacherCache, TeacherCacheError, decode, encode
+from axolotl_dskd.core import teacher_cache
+from axolotl_dskd.core.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss, teacher_positions_read
+from axolotl_dskd.core.teacher_cache import TeacherCache, TeacherCacheError, decode, encode
 from dskd_devkit.axolotl_runs import dskd_config, load_config, prepared_datasets, refusal, write_config
 from dskd_devkit.training import head_only_copy, save_pair, tiny_model
 
@@ -60,10 +60,10 @@ def test_the_cache_holds_the_teachers_states_where_the_loss_reads_them(built, pr
     """For a sample, the states at every teacher position whose next teacher token is trained
     (what cross-model attention reads; exact alignment reads fewer) are the 4-bit teacher's own
     final hidden states over the teacher's tokens of the sample."""
-    from axolotl_dskd.chat_data import TEACHER_COLUMNS
-    from axolotl_dskd.configured import teacher_token_builder
-    from axolotl_dskd.models import teacher_hidden_states
-    from axolotl_dskd.teacher import load_teacher
+    from axolotl_dskd.core.models import teacher_hidden_states
+    from axolotl_dskd.core.teacher import load_teacher
+    from axolotl_dskd.integration.chat_data import TEACHER_COLUMNS
+    from axolotl_dskd.integration.configured import teacher_token_builder
 
     cfg, dataset = prepared
     cache = TeacherCache(built[1])
@@ -265,7 +265,7 @@ def test_training_reads_the_head_from_a_folder_without_the_transformer(assets, t
     are the teacher's own weights; a folder without safetensors is refused by key."""
     from safetensors.torch import load_file
 
-    from axolotl_dskd.teacher import TeacherConfigError, load_teacher_head
+    from axolotl_dskd.core.teacher import TeacherConfigError, load_teacher_head
 
     folder = head_only_copy(assets["teacher"], tmp_path / "head")
     head = load_teacher_head(

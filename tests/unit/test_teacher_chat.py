@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from axolotl_dskd.chat_data import TEACHER_COLUMNS, fallback_count
-from axolotl_dskd.loss import IGNORE_INDEX
+from axolotl_dskd.core.loss import IGNORE_INDEX
+from axolotl_dskd.integration.chat_data import TEACHER_COLUMNS, fallback_count
 from dskd_devkit.axolotl_runs import dskd_config, dskd_trainer, load_config, prepared_datasets, refusal
 from dskd_devkit.chat_pairs import (
     CONVERSATIONS,
@@ -58,7 +58,7 @@ def prepare(root: Path, student: str, teacher: str, conversations: list, **overr
     """Axolotl's own preparation of ``conversations`` for the pair, in this process."""
     from axolotl.loaders import load_tokenizer
 
-    from axolotl_dskd.configured import teacher_tokenizer
+    from axolotl_dskd.integration.configured import teacher_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     data = write_conversations(root / "data.jsonl", conversations)
@@ -286,7 +286,7 @@ def test_changing_the_teacher_template_prepares_the_data_anew(prepared, tmp_path
     it covers the teacher and its template, so a change prepares anew instead of reusing."""
     from axolotl.utils.data import sft
 
-    from axolotl_dskd.chat_data import teacher_columns_added
+    from axolotl_dskd.integration.chat_data import teacher_columns_added
 
     p = prepared["llama3", "qwen3"]
 
@@ -432,7 +432,7 @@ def test_axolotl_keeps_its_own_functions_and_data_without_columns_is_refused(pre
     from axolotl.utils.data import sft, wrappers
     from axolotl.utils.data.shared import generate_dataset_hash_from_config
 
-    from axolotl_dskd.chat_data import require_teacher_columns
+    from axolotl_dskd.integration.chat_data import require_teacher_columns
 
     p = prepared["qwen3", "llama3"]
     assert wrappers.load is axolotl_load

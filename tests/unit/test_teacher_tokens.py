@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from axolotl_dskd.loss import IGNORE_INDEX
-from axolotl_dskd.teacher_tokens import RoundTripStats, TeacherTokenBuilder, sample_segments
+from axolotl_dskd.core.loss import IGNORE_INDEX
+from axolotl_dskd.core.teacher_tokens import RoundTripStats, TeacherTokenBuilder, sample_segments
 from dskd_devkit.tiny_tokenizers import mixed_text_bpe, mixed_text_sentencepiece
 
 EOS_MARK = "<EOS>"

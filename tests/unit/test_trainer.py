@@ -12,9 +12,9 @@ from pydantic import Field
 from torch import Tensor
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from axolotl_dskd.args import DSKDArgs
-from axolotl_dskd.loss import DSKDLossConfig, Projectors
-from axolotl_dskd.teacher import load_teacher
+from axolotl_dskd.core.loss import DSKDLossConfig, Projectors
+from axolotl_dskd.core.teacher import load_teacher
+from axolotl_dskd.integration.args import DSKDArgs
 from dskd_devkit.axolotl_runs import dskd_config, dskd_trainer, load_config
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
@@ -124,7 +124,7 @@ def test_a_trainer_without_the_plugins_training_args_is_refused(assets, tmp_path
     from axolotl.core.training_args_base import AxolotlTrainingMixins
     from transformers import TrainingArguments
 
-    from axolotl_dskd.trainer import DSKDTrainer
+    from axolotl_dskd.integration.trainer import DSKDTrainer
 
     @dataclasses.dataclass
     class WithoutPlugins(AxolotlTrainingMixins, TrainingArguments):
@@ -210,8 +210,8 @@ def test_resuming_without_projectors_says_what_to_do(assets, tmp_path, meta):
 def test_uld_runs_the_uld_loss_on_the_teachers_own_labels(assets, tmp_path):
     """``dskd_method: uld`` across tokenizers: the trainer's loss is ULD between the student's
     trained tokens and the teacher's (its own labels), with no projectors."""
-    from axolotl_dskd.loss import uld_loss
-    from axolotl_dskd.models import final_hidden_states, lm_head_weight
+    from axolotl_dskd.core.loss import uld_loss
+    from axolotl_dskd.core.models import final_hidden_states, lm_head_weight
 
     trainer = _trainer_from_yaml(assets, tmp_path, student="student_sp", dskd_method="uld")
     trainer.attach_teacher(trainer.teacher, None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from axolotl_dskd.loss import DSKDLossConfig, answer_order_partners, uld_loss
+from axolotl_dskd.core.loss import DSKDLossConfig, answer_order_partners, uld_loss
 from dskd_devkit.reference import reference_uld_loss
 
 

@@ -20,11 +20,16 @@ def test_wheel_holds_the_plugin_its_alias_and_cli_modules_only(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     shipped = {n for n in names if ".dist-info/" not in n}
-    expected = {f"axolotl_dskd/{p.name}" for p in (REPO / "axolotl_dskd").glob("*.py")} | {
+    expected = {p.relative_to(REPO).as_posix() for p in (REPO / "axolotl_dskd").rglob("*.py")} | {
         "axolotl_dskd_alias.pth"
     }
     assert shipped == expected
-    assert {"axolotl_dskd/evaluate.py", "axolotl_dskd/dolly.py", "axolotl_dskd/plugin.py"} <= shipped
+    assert {
+        "axolotl_dskd/evaluate.py",
+        "axolotl_dskd/dolly.py",
+        "axolotl_dskd/core/loss.py",
+        "axolotl_dskd/integration/plugin.py",
+    } <= shipped
     assert not any(n.startswith(("tests/", "dskd_devkit/", "benchmarks/", "scripts/")) for n in names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     # no `axolotl.plugins` entry point: Axolotl 0.21 would load the plugin into every run in the

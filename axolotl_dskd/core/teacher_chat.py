@@ -10,7 +10,7 @@ template text that belongs to one side.
 the teacher's ids and labels and the exact teacher partner of each student token:
 
 - Both renderings are measured in UTF-8 bytes: where each token ends, from the bytes each
-  vocabulary entry stands for (:mod:`axolotl_dskd.vocabulary`), and where each message's content
+  vocabulary entry stands for (:mod:`axolotl_dskd.core.vocabulary`), and where each message's content
   lies, by the template's structure: the conversation rendered again with each content replaced
   by a marker gives the template text around it (a template that trims a content is matched on
   the trimmed text; a content equal to template text is never taken for it).
@@ -38,8 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from axolotl_dskd.loss import IGNORE_INDEX
-from axolotl_dskd.vocabulary import token_bytes
+from axolotl_dskd.core.loss import IGNORE_INDEX
+from axolotl_dskd.core.vocabulary import token_bytes
 
 __all__ = ["TeacherChatRenderer", "TeacherChatSample", "UnrenderableSample", "special_token_ids"]
 

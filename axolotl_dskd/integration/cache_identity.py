@@ -18,10 +18,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from axolotl_dskd import teacher_cache
-from axolotl_dskd.chat_data import resolve_template
-from axolotl_dskd.configured import student_tokenizer, teacher_config, teacher_dtype, teacher_tokenizer
-from axolotl_dskd.teacher import tensor_digests
+from axolotl_dskd.core import teacher_cache
+from axolotl_dskd.core.teacher import tensor_digests
+from axolotl_dskd.integration.chat_data import resolve_template
+from axolotl_dskd.integration.configured import (
+    student_tokenizer,
+    teacher_config,
+    teacher_dtype,
+    teacher_tokenizer,
+)
 
 KEY = "dskd_teacher_cache"
 

@@ -30,8 +30,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from axolotl_dskd.models import logit_scale
-from axolotl_dskd.vocabulary import PROBE_TEXT, encodes_text
+from axolotl_dskd.core.models import logit_scale
+from axolotl_dskd.core.vocabulary import PROBE_TEXT, encodes_text
 
 LOG = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ its cached hidden states (``dskd_teacher_cache``).
 
 Re-tokenizing happens here, in the data loader workers, off the training step's critical path.
 Chat samples the teacher reads in its own template carry their teacher tokens as dataset columns
-(:mod:`axolotl_dskd.chat_data`): they are taken off the features before Axolotl pads them and
+(:mod:`axolotl_dskd.integration.chat_data`): they are taken off the features before Axolotl pads them and
 placed into the teacher's rows. Cached states are looked up per sample, by the same key the cache
 was built with, and placed where that sample sits in its (packed) row.
 """
@@ -21,10 +21,10 @@ from axolotl.utils.collators.batching import (
     V2BatchSamplerDataCollatorForSeq2Seq,
 )
 
-from axolotl_dskd.chat_data import TEACHER_COLUMNS, columns_of
-from axolotl_dskd.loss import DSKDLossConfig, teacher_positions_read
-from axolotl_dskd.teacher_cache import TeacherCache, sample_key
-from axolotl_dskd.teacher_tokens import TeacherTokenBuilder, segment_rows
+from axolotl_dskd.core.loss import DSKDLossConfig, teacher_positions_read
+from axolotl_dskd.core.teacher_cache import TeacherCache, sample_key
+from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder, segment_rows
+from axolotl_dskd.integration.chat_data import TEACHER_COLUMNS, columns_of
 
 
 @dataclass

@@ -17,24 +17,24 @@ import torch
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainingArguments, set_seed
 
-from axolotl_dskd import chat_data
-from axolotl_dskd.args import PREFIX, DSKDArgs, loss_config, training_args
-from axolotl_dskd.collator import collator_class
-from axolotl_dskd.configured import (
+from axolotl_dskd.core.loss import Projectors
+from axolotl_dskd.core.models import causal_lm, lm_head_weight
+from axolotl_dskd.core.projector_init import logit_equivalent_projectors
+from axolotl_dskd.core.projector_io import load_projectors
+from axolotl_dskd.core.teacher import load_teacher_head
+from axolotl_dskd.core.teacher_cache import TeacherCache, read_manifest
+from axolotl_dskd.core.teacher_tokens import special_token_differences
+from axolotl_dskd.core.vocabulary import shared_vocabulary
+from axolotl_dskd.integration import chat_data
+from axolotl_dskd.integration.args import PREFIX, DSKDArgs, loss_config, training_args
+from axolotl_dskd.integration.collator import collator_class
+from axolotl_dskd.integration.configured import (
     configured_teacher,
     teacher_dtype,
     teacher_token_builder,
     teacher_tokenizer,
 )
-from axolotl_dskd.loss import Projectors
-from axolotl_dskd.models import causal_lm, lm_head_weight
-from axolotl_dskd.projector_init import logit_equivalent_projectors
-from axolotl_dskd.projector_io import load_projectors
-from axolotl_dskd.teacher import load_teacher_head
-from axolotl_dskd.teacher_cache import TeacherCache, read_manifest
-from axolotl_dskd.teacher_tokens import special_token_differences
-from axolotl_dskd.trainer import DSKDTrainer
-from axolotl_dskd.vocabulary import shared_vocabulary
+from axolotl_dskd.integration.trainer import DSKDTrainer
 
 LOG = logging.getLogger(__name__)
 _PAIRING = {
@@ -75,17 +75,17 @@ class DSKDPlugin(BasePlugin):
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
         """A run whose teacher reads chat data in its own template prepares its data here:
-        Axolotl's own preparation, with the teacher's columns (:mod:`axolotl_dskd.chat_data`).
+        Axolotl's own preparation, with the teacher's columns (:mod:`axolotl_dskd.integration.chat_data`).
         Every other run declines, and Axolotl prepares the data as usual."""
         if chat_data.teacher_template(cfg) is None:
             return None
         return chat_data.load_datasets(cfg)
 
     def get_input_args(self) -> str:
-        return "axolotl_dskd.args.DSKDArgs"
+        return "axolotl_dskd.integration.args.DSKDArgs"
 
     def get_training_args_mixin(self) -> str:
-        return "axolotl_dskd.args.DSKDTrainingArgsMixin"
+        return "axolotl_dskd.integration.args.DSKDTrainingArgsMixin"
 
     def get_training_args(self, cfg: Any) -> dict[str, Any]:
         return training_args(cfg)

@@ -1,7 +1,7 @@
 """The Axolotl trainer that distills: student and teacher forwards, the DSKD loss, projectors.
 
 Every setting comes from the training arguments (``self.args.dskd_*``, see
-:mod:`axolotl_dskd.args`); the plugin hands over only what it loads, the teacher and the
+:mod:`axolotl_dskd.integration.args`); the plugin hands over only what it loads, the teacher and the
 projectors. The projectors live beside the model, not in it, so the student's saved weights
 stay a plain model; they get their own optimizer group (``dskd_projector_lr``, same schedule)
 and are saved into every checkpoint and restored on resume. The trainer zeroes only the
@@ -23,9 +23,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 from typing_extensions import override
 
-from axolotl_dskd.args import loss_config
-from axolotl_dskd.chat_data import TEACHER_COLUMNS
-from axolotl_dskd.loss import (
+from axolotl_dskd.core.loss import (
     IGNORE_INDEX,
     METRIC_NAMES,
     RATIO_METRICS,
@@ -35,15 +33,17 @@ from axolotl_dskd.loss import (
     uld_loss,
     vanilla_kd_loss,
 )
-from axolotl_dskd.models import (
+from axolotl_dskd.core.models import (
     final_hidden_states,
     input_embedding_weight,
     lm_head_weight,
     teacher_forward_inputs,
     teacher_hidden_states,
 )
-from axolotl_dskd.projector_io import META_NAME, load_projectors, projectors_file, save_projectors
-from axolotl_dskd.teacher import TeacherHead
+from axolotl_dskd.core.projector_io import META_NAME, load_projectors, projectors_file, save_projectors
+from axolotl_dskd.core.teacher import TeacherHead
+from axolotl_dskd.integration.args import loss_config
+from axolotl_dskd.integration.chat_data import TEACHER_COLUMNS
 
 LOG = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 the training arguments that carry them to the trainer.
 
 :class:`DSKDArgs` lists every key. The loss keys (``dskd_kd_rate`` ...) take their default,
-bounds and help from the matching field of :class:`~axolotl_dskd.loss.DSKDLossConfig`, the one
+bounds and help from the matching field of :class:`~axolotl_dskd.core.loss.DSKDLossConfig`, the one
 source of the loss settings (:func:`loss_key`); :data:`DSKDTrainingArgsMixin` repeats every key as
-a training argument, so :class:`~axolotl_dskd.trainer.DSKDTrainer` reads ``self.args.dskd_*``
+a training argument, so :class:`~axolotl_dskd.integration.trainer.DSKDTrainer` reads ``self.args.dskd_*``
 (the layout of Axolotl's own KD plugin). ``docs/configuration.md`` is generated from this class.
 
 Value checks run per key; the checks that need the teacher's config and tokenizer (readable,
@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from axolotl_dskd.divergences import Divergence
-from axolotl_dskd.loss import DSKDLossConfig, TokenAlignment
-from axolotl_dskd.validation import check_teacher_setup
+from axolotl_dskd.core.divergences import Divergence
+from axolotl_dskd.core.loss import DSKDLossConfig, TokenAlignment
+from axolotl_dskd.integration.validation import check_teacher_setup
 
 PREFIX = "dskd_"
 _LOSS_FIELDS = {f.name: f for f in dataclasses.fields(DSKDLossConfig)}
@@ -29,7 +29,7 @@ _LOSS_FIELDS = {f.name: f for f in dataclasses.fields(DSKDLossConfig)}
 
 def loss_key(name: str) -> Any:
     """The YAML key of the loss setting ``name``: its default, bounds and help as
-    :class:`~axolotl_dskd.loss.DSKDLossConfig` declares them."""
+    :class:`~axolotl_dskd.core.loss.DSKDLossConfig` declares them."""
     setting = _LOSS_FIELDS[name]
     return Field(default=setting.default, description=setting.metadata["doc"], **setting.metadata["bounds"])
 

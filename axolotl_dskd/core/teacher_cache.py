@@ -1,7 +1,7 @@
 """The offline teacher: its final hidden states, computed once, stored per sample (framework-free).
 
 DSKD reads the teacher only through its final hidden states at the positions the loss uses
-(:func:`axolotl_dskd.loss.teacher_positions_read`) plus its LM head (and, across tokenizers, its input embeddings). A cache
+(:func:`axolotl_dskd.core.loss.teacher_positions_read`) plus its LM head (and, across tokenizers, its input embeddings). A cache
 holds those states for every sample of a prepared dataset, so training never runs the teacher's
 transformer. Layout of a cache folder:
 
@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from axolotl_dskd.files import atomic_write, atomic_write_text
+from axolotl_dskd.core.files import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = ("bfloat16", "float32", "int8")
@@ -340,7 +340,7 @@ class TeacherCache:
             segments: ``[B, L]`` the packed sample of each position (-1: padding); the ``k``-th
                 segment of a row is its ``k``-th sample, and a sample's position ``p`` is the
                 ``p``-th position of its segment (samples cut to a context keep a prefix).
-            read: ``[B, L]`` the positions the loss reads (:func:`~axolotl_dskd.loss.teacher_positions_read`).
+            read: ``[B, L]`` the positions the loss reads (:func:`~axolotl_dskd.core.loss.teacher_positions_read`).
 
         Raises:
             TeacherCacheError: samples not in the cache, or read positions it has no state for.

@@ -2,7 +2,7 @@
 
 The math, with its notation and where it deliberately differs from the authors' code, is in
 ``docs/dskd.md``. Everything here works from final hidden states and LM-head weights: logits
-only ever exist a chunk of trained tokens at a time (:mod:`axolotl_dskd.chunking`), matrix
+only ever exist a chunk of trained tokens at a time (:mod:`axolotl_dskd.core.chunking`), matrix
 products run in the inputs' precision and every softmax and divergence in float32.
 """
 
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from axolotl_dskd.chunking import chunked_token_sum
-from axolotl_dskd.divergences import DIVERGENCES, Divergence, get_divergence
+from axolotl_dskd.core.chunking import chunked_token_sum
+from axolotl_dskd.core.divergences import DIVERGENCES, Divergence, get_divergence
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24

@@ -2,7 +2,7 @@
 prepares the dataset.
 
 The messages are gone by the time a batch is collated, so the teacher's tokens, labels and the
-student tokens' partners (:mod:`axolotl_dskd.teacher_chat`) are computed while Axolotl tokenizes
+student tokens' partners (:mod:`axolotl_dskd.core.teacher_chat`) are computed while Axolotl tokenizes
 each conversation and stored beside ``input_ids`` in :data:`TEACHER_COLUMNS`: prepared once, saved
 with Axolotl's prepared dataset, read by the collator. The plugin's ``load_datasets`` hook runs
 Axolotl's own preparation (:func:`load_datasets`) with two of its functions wrapped for the
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from axolotl_dskd.configured import teacher_tokenizer
-from axolotl_dskd.teacher_chat import TeacherChatRenderer, TeacherChatSample, UnrenderableSample
+from axolotl_dskd.core.teacher_chat import TeacherChatRenderer, TeacherChatSample, UnrenderableSample
+from axolotl_dskd.integration.configured import teacher_tokenizer
 
 LOG = logging.getLogger(__name__)
 

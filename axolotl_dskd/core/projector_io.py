@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from axolotl_dskd.files import atomic_write, atomic_write_text
+from axolotl_dskd.core.files import atomic_write, atomic_write_text
 
 WEIGHTS_NAME = "dskd_projectors.safetensors"
 META_NAME = "dskd_projectors.json"

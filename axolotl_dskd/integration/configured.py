@@ -13,8 +13,8 @@ import torch
 from axolotl.loaders import load_tokenizer
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from axolotl_dskd.teacher import context_length, load_teacher
-from axolotl_dskd.teacher_tokens import TeacherTokenBuilder
+from axolotl_dskd.core.teacher import context_length, load_teacher
+from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder
 
 
 def teacher_dtype(cfg: Any) -> torch.dtype:

@@ -4,7 +4,7 @@ With random weights, ``t2s(h_t)`` fed to the student's LM head is a poor copy of
 prediction, and the early t2s terms teach noise. Here ``t2s`` starts as the linear map under which
 the student's head reproduces the teacher's logits on the tokens both vocabularies share, in the
 least-squares sense, for every hidden state; ``s2t`` symmetrically. The shared tokens are paired by
-the text they stand for (:func:`axolotl_dskd.vocabulary.shared_vocabulary`), so the pairing also
+the text they stand for (:func:`axolotl_dskd.core.vocabulary.shared_vocabulary`), so the pairing also
 works between a byte-level BPE and a sentencepiece vocabulary.
 """
 

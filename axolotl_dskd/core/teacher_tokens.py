@@ -39,12 +39,12 @@ mask with the segment ids if the data has such samples.
 Exact alignment: a student position and a teacher position are partners when the tokens up to
 and including them cover the same text, so that both hidden states have read the same prefix and
 predict the same continuation. Each side's token ends are measured as byte offsets inside a
-shared text run (from the bytes each vocabulary entry stands for, :mod:`axolotl_dskd.vocabulary`)
+shared text run (from the bytes each vocabulary entry stands for, :mod:`axolotl_dskd.core.vocabulary`)
 and matched; the tokens of a run whose bytes do not spell its text, the student's BOS and
 padding, and the teacher's own BOS get no partner.
 
 Chat samples the teacher reads in its own chat template are not rebuilt here: their teacher
-tokens, labels and partners were made with the dataset (:mod:`axolotl_dskd.teacher_chat`, the same
+tokens, labels and partners were made with the dataset (:mod:`axolotl_dskd.core.teacher_chat`, the same
 rule over each message's content) and are only placed into the row, packed and truncated alike.
 
 Framework-free: torch and a Hugging Face tokenizer only, picklable for DataLoader workers.
@@ -59,9 +59,9 @@ from typing import Any
 
 import torch
 
-from axolotl_dskd.loss import IGNORE_INDEX
-from axolotl_dskd.teacher_chat import TeacherChatSample
-from axolotl_dskd.vocabulary import encodes_text, token_bytes
+from axolotl_dskd.core.loss import IGNORE_INDEX
+from axolotl_dskd.core.teacher_chat import TeacherChatSample
+from axolotl_dskd.core.vocabulary import encodes_text, token_bytes
 
 __all__ = [
     "RoundTripStats",
@@ -527,7 +527,7 @@ class TeacherTokenBuilder:
                 untrained), optionally ``attention_mask`` ``[B, L]`` (0 on padding) and
                 ``position_ids`` ``[B, L]`` (a restart begins a packed sample).
             prepared: Per row, per packed sample in order, the teacher's reading of the sample
-                made with the dataset (:mod:`axolotl_dskd.teacher_chat`), or ``None`` to rebuild
+                made with the dataset (:mod:`axolotl_dskd.core.teacher_chat`), or ``None`` to rebuild
                 it from the student's tokens as above. A row whose sample count differs (position
                 ids that do not restart per sample) is rebuilt whole.
 

@@ -16,18 +16,18 @@ from jinja2 import TemplateError
 from transformers import AutoConfig
 from transformers.utils.chat_template_utils import _compile_jinja_template
 
-from axolotl_dskd.cache_identity import cache_identity, check_cache
-from axolotl_dskd.chat_data import KEY, resolve_template
-from axolotl_dskd.configured import student_tokenizer
-from axolotl_dskd.loss import Projectors
-from axolotl_dskd.projector_io import check_projector_shapes, read_projector_shapes
-from axolotl_dskd.teacher import (
+from axolotl_dskd.core.loss import Projectors
+from axolotl_dskd.core.projector_io import check_projector_shapes, read_projector_shapes
+from axolotl_dskd.core.teacher import (
     adapter_changed_heads,
     check_has_weights,
     inspect_teacher,
     require_bitsandbytes,
 )
-from axolotl_dskd.vocabulary import token_bytes
+from axolotl_dskd.core.vocabulary import token_bytes
+from axolotl_dskd.integration.cache_identity import cache_identity, check_cache
+from axolotl_dskd.integration.chat_data import KEY, resolve_template
+from axolotl_dskd.integration.configured import student_tokenizer
 
 LOG = logging.getLogger(__name__)
 
