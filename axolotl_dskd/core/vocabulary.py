@@ -4,7 +4,8 @@ Two tokenizers agree on text, not on ids: Llama 2's ``▁the`` and Qwen's ``Ġth
 The teacher-token builder measures where tokens end in a shared text with :func:`token_bytes`;
 the projector initialization pairs the two vocabularies with :func:`shared_vocabulary`. Read from
 the serialized Rust tokenizer: GPT-2's byte alphabet for byte-level BPE, the ``▁`` marker and
-``<0xHH>`` byte-fallback pieces for sentencepiece-style vocabularies.
+``<0xHH>`` byte-fallback pieces for sentencepiece-style vocabularies. The plugin warns about
+control tokens one side reads as plain text (:func:`special_token_differences`).
 """
 
 from __future__ import annotations
@@ -159,3 +160,29 @@ def shared_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[T
     pairs = sorted((i, teacher[text]) for text, i in student.items() if text in teacher)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return ids[:, 0].contiguous(), ids[:, 1].contiguous()
+
+
+def special_token_differences(student_tokenizer: Any, teacher_tokenizer: Any) -> list[str]:
+    """Control tokens of one model that are plain text to the other, each with an example.
+
+    BOS, EOS, pad and unk are mapped or dropped by the builder; any other special token (chat
+    markers) keeps its text, so a marker the other model reads as ordinary characters changes
+    what the two models see, not only the ids.
+    """
+    mapped = {"bos_token", "eos_token", "pad_token", "unk_token"}
+    notes = []
+    for side, this, other in (("student", student_tokenizer, teacher_tokenizer),
+                              ("teacher", teacher_tokenizer, student_tokenizer)):  # fmt: skip
+        skip = {getattr(this, attr, None) for attr in mapped}
+        for token in this.all_special_tokens:
+            if token in skip:
+                continue
+            ids = other.encode(token, add_special_tokens=False)
+            if len(ids) == 1 and ids[0] in other.all_special_ids:
+                continue
+            pieces = other.convert_ids_to_tokens(ids)
+            notes.append(
+                f"the {side}'s special token {token!r} is plain text to the other model "
+                f"({len(ids)} tokens: {pieces})"
+            )
+    return notes

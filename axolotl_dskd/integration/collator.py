@@ -22,8 +22,9 @@ from axolotl.utils.collators.batching import (
 )
 
 from axolotl_dskd.core.loss import DSKDLossConfig, teacher_positions_read
+from axolotl_dskd.core.packing import segment_rows
 from axolotl_dskd.core.teacher_cache import TeacherCache, sample_key
-from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder, segment_rows
+from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder
 from axolotl_dskd.integration.chat_data import TEACHER_COLUMNS, columns_of
 
 

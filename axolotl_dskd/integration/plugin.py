@@ -23,8 +23,7 @@ from axolotl_dskd.core.projector_init import logit_equivalent_projectors
 from axolotl_dskd.core.projector_io import load_projectors
 from axolotl_dskd.core.teacher import load_teacher_head
 from axolotl_dskd.core.teacher_cache import TeacherCache, read_manifest
-from axolotl_dskd.core.teacher_tokens import special_token_differences
-from axolotl_dskd.core.vocabulary import shared_vocabulary
+from axolotl_dskd.core.vocabulary import shared_vocabulary, special_token_differences
 from axolotl_dskd.integration import chat_data
 from axolotl_dskd.integration.args import PREFIX, DSKDArgs, loss_config, training_args
 from axolotl_dskd.integration.collator import collator_class

@@ -233,7 +233,7 @@ def test_fp16_logits_beyond_fp16_range_stay_finite_and_match_float32(cross_token
 
 
 def test_special_token_differences_name_the_marker_and_an_example(assets, caplog):
-    from axolotl_dskd.core.teacher_tokens import special_token_differences
+    from axolotl_dskd.core.vocabulary import special_token_differences
     from axolotl_dskd.integration.plugin import warn_special_token_differences
 
     student = AutoTokenizer.from_pretrained(assets["student_sp"])
