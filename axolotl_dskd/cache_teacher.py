@@ -40,7 +40,7 @@ from axolotl_dskd.integration.cache_identity import KEY, building_cache, run_ide
 from axolotl_dskd.integration.chat_data import TEACHER_COLUMNS, columns_of
 from axolotl_dskd.integration.configured import configured_teacher, teacher_token_builder
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("axolotl_dskd.cache_teacher")  # the same name under python -m
 
 
 class _Samples:
