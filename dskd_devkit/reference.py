@@ -2,7 +2,7 @@
 
 This file is written from the math alone and is deliberately naive: no chunking,
 full-vocabulary logits for the whole batch, every step in the order the spec states it, in
-float64. It is the yardstick that ``tests/unit/test_loss.py`` holds ``axolotl_dskd.core.loss.dskd_loss`` to
+float64. It is the yardstick that ``tests/unit/core/test_loss.py`` holds ``axolotl_dskd.core.loss.dskd_loss`` to
 (values, metrics and gradients), and the benchmarks' unchunked baseline
 (:mod:`dskd_devkit.unchunked`) is checked against the same tests.
 

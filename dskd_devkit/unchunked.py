@@ -12,7 +12,7 @@ correctness yardstick) it runs in the inputs' precision, as ``axolotl_dskd.core.
 - cross-model attention scores, softmaxes and divergences in float32.
 
 So a timing or memory difference against ``dskd_loss`` is the chunking, not the precision.
-``tests/unit/test_loss.py`` checks that both agree (value, metrics, gradients).
+``tests/unit/core/test_loss.py`` checks that both agree (value, metrics, gradients).
 
 Not part of the package: it exists only to be measured against.
 """

@@ -4,8 +4,9 @@ Most tests compare the project's (float32, chunked) loss with ``dskd_devkit.refe
 independent float64 transcription of the math: the loss, every logged term, and the gradients
 with respect to the student's hidden states, the student's LM head (full fine-tune) and every
 projector parameter, to a relative 2e-4. The rest check properties the math states outright
-(closed forms of the divergences, where gradients may and may not flow, invariance to padding,
-packing and chunking, bf16 robustness, config validation) without the reference.
+(where gradients may and may not flow, invariance to padding, packing and chunking, bf16 and
+fp16 robustness, malformed rows, config validation) without the reference; the divergences'
+closed forms are in ``test_divergences.py``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss
 from dskd_devkit.reference import DIVERGENCE_NAMES as DIVERGENCES
-from dskd_devkit.reference import reference_divergence, reference_dskd_loss
+from dskd_devkit.reference import reference_dskd_loss
 from dskd_devkit.unchunked import unchunked_dskd_loss
+from tests.unit.core.loss_cases import Case, as_float
 
 METRICS = ("ce", "kd_student", "kd_teacher", "t2s_ce", "t2s_acc", "aligned_frac")
 RTOL = 2e-4
@@ -33,38 +36,6 @@ CHUNKS = (1, 3, None)
 # ============================================================================================
 # Building inputs
 # ============================================================================================
-
-
-@dataclass
-class Case:
-    """One micro-batch: the projectors and the keyword tensors ``dskd_loss`` takes."""
-
-    proj: Projectors
-    inputs: dict[str, Tensor | None]
-    cross_tokenizer: bool
-    token_alignment: Tensor | None = None
-    """Cross-tokenizer cases: each student token's exact partner (the teacher position of its
-    last piece), ``-1`` on padding."""
-
-    def config(self, **kw) -> DSKDLossConfig:
-        """The loss settings; a cross-tokenizer case pairs its tokens by cross-model attention
-        unless ``token_alignment`` says otherwise (the reference's sections 3 and 3b)."""
-        if self.cross_tokenizer:
-            kw.setdefault("token_alignment", "cma")
-        return DSKDLossConfig(cross_tokenizer=self.cross_tokenizer, **kw)
-
-    def trainable(self) -> dict[str, Tensor]:
-        """What the student's optimizer sees: student hidden (stands for the student's
-        parameters), the LM head when it is trained, and every projector parameter."""
-        out = {"student_hidden": self.inputs["student_hidden"]}
-        if self.inputs["student_lm_head"].requires_grad:
-            out["student_lm_head"] = self.inputs["student_lm_head"]
-        for name, p in self.proj.named_parameters():
-            out[f"proj.{name}"] = p
-        return out
-
-    def n_trained(self) -> int:
-        return int((self.inputs["student_labels"][:, 1:] != -100).sum())
 
 
 def _leaf(x: Tensor, dtype: torch.dtype, requires_grad: bool) -> Tensor:
@@ -327,10 +298,6 @@ def assert_rel(actual, expected, what: str, rtol: float = RTOL, atol: float = 1e
     )
 
 
-def _f(x) -> float:
-    return float(torch.as_tensor(x).detach())
-
-
 def grads(loss: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor | None]:
     names = list(targets)
     gs = torch.autograd.grad(loss, [targets[n] for n in names], allow_unused=True, retain_graph=True)
@@ -450,7 +417,7 @@ def test_cma_sample_without_trained_teacher_token_adds_nothing_to_cma_terms():
     out_alone = dskd_loss(alone.proj, **alone.inputs, config=cfg, num_items=n_total)
     for name in ("kd_student", "kd_teacher", "t2s_ce"):
         assert_rel(out_both.metrics[name], out_alone.metrics[name], name, rtol=1e-5)
-    acc_alone = _f(out_alone.metrics["t2s_acc"]) * alone.n_trained() / n_total
+    acc_alone = as_float(out_alone.metrics["t2s_acc"]) * alone.n_trained() / n_total
     assert_rel(out_both.metrics["t2s_acc"], acc_alone, "t2s_acc", rtol=1e-5)
     for name, out in (("with the cut sample", out_both), ("alone", out_alone)):
         assert torch.isfinite(out.loss), name
@@ -511,7 +478,7 @@ def test_cma_packed_row_equals_separate_rows(aligned):
     for name in gp:
         assert_rel(gp[name], gs[name], f"d loss / d {name}", rtol=1e-4)
     out_u = dskd_loss(unsegmented.proj, **unsegmented.inputs, config=cfg)
-    assert abs(_f(out_u.loss) - _f(out_s.loss)) > 1e-4
+    assert abs(as_float(out_u.loss) - as_float(out_s.loss)) > 1e-4
 
 
 @pytest.mark.parametrize("variant", ["same", "cma"])
@@ -567,142 +534,8 @@ def test_cma_any_label_mask_matches_reference(masks, divergence, chunk_size, see
 
 
 # ============================================================================================
-# 2. Divergences: closed forms, zero on identical distributions, robustness
+# 2. Robustness: huge logits, bf16 (the divergences' closed forms: test_divergences.py)
 # ============================================================================================
-
-
-def _kl(a: list[float], b: list[float]) -> float:
-    return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
-
-
-def closed_form(name: str, p: list[float], q: list[float], lam: float, alpha: float) -> float:
-    """The spec's table, on plain Python floats (p teacher side, q student side)."""
-    if name == "forward_kl":
-        return _kl(p, q)
-    if name == "reverse_kl":
-        return _kl(q, p)
-    if name == "js":
-        m = [(x + y) / 2 for x, y in zip(p, q)]
-        return 0.5 * _kl(p, m) + 0.5 * _kl(q, m)
-    if name == "skew_forward_kl":
-        return _kl(p, [lam * x + (1 - lam) * y for x, y in zip(p, q)])
-    if name == "skew_reverse_kl":
-        return _kl(q, [(1 - lam) * x + lam * y for x, y in zip(p, q)])
-    if name == "adaptive_kl":
-        running, g_head, g_tail = 0.0, 0.0, 0.0
-        for i in sorted(range(len(p)), key=lambda i: p[i]):
-            running += p[i]
-            if running <= alpha:
-                g_tail += abs(p[i] - q[i])
-            else:
-                g_head += abs(p[i] - q[i])
-        total = g_head + g_tail
-        return g_head / total * _kl(p, q) + g_tail / total * _kl(q, p)
-    raise ValueError(name)
-
-
-# hand-made (teacher p, student q); cumulative sorted p never sits on an alpha used below
-HAND_MADE = [
-    ([0.6, 0.25, 0.15], [0.2, 0.3, 0.5]),
-    ([0.05, 0.1, 0.3, 0.55], [0.4, 0.3, 0.2, 0.1]),
-    ([0.45, 0.55 - 1e-9, 1e-9], [0.25, 0.75 - 1e-9, 1e-9]),
-]
-
-
-def test_closed_form_helper_anchors():
-    """The closed forms above, checked on numbers worked out by hand."""
-    p, q = [0.5, 0.5], [0.25, 0.75]
-    assert closed_form("forward_kl", p, q, 0.1, 0.5) == pytest.approx(0.5 * math.log(4 / 3))
-    assert closed_form("reverse_kl", p, q, 0.1, 0.5) == pytest.approx(
-        0.25 * math.log(0.5) + 0.75 * math.log(1.5)
-    )
-    # sorted p = [0.15, 0.25, 0.6], q in that order [0.5, 0.3, 0.2]: tail = first two (0.4 <= 0.5)
-    p, q = HAND_MADE[0]
-    g_tail, g_head = 0.35 + 0.05, 0.4
-    want = 0.5 * _kl(p, q) + 0.5 * _kl(q, p)
-    assert g_head / (g_head + g_tail) == 0.5
-    assert closed_form("adaptive_kl", p, q, 0.1, 0.5) == pytest.approx(want)
-
-
-def identity_case(p_rows: list[list[float]], q_rows: list[list[float]], T: float) -> Case:
-    """Same-vocab batch with V = d, identity LM heads and identity projectors, so that
-    softmax(z_s / T) = q, softmax(z_t2s / T) = softmax(z_t / T) = p, softmax(z_s2t / T) = q,
-    one trained token per row: kd_student and kd_teacher are then the mean of D(q, p)."""
-    n, V = len(p_rows), len(p_rows[0])
-    proj = Projectors(V, V)
-    with torch.no_grad():
-        for layer in (proj.t2s, proj.s2t):
-            layer.weight.copy_(torch.eye(V))
-            layer.bias.zero_()
-    h_s = T * torch.tensor(q_rows, dtype=torch.float64).log()
-    h_t = T * torch.tensor(p_rows, dtype=torch.float64).log()
-    # L = 2: position 0 predicts labels[1]
-    hs = torch.stack([h_s, torch.zeros(n, V, dtype=torch.float64)], 1).float()
-    ht = torch.stack([h_t, torch.zeros(n, V, dtype=torch.float64)], 1).float()
-    labels = torch.tensor([[-100, 0]] * n)
-    inputs = {
-        "student_hidden": hs.requires_grad_(),
-        "student_lm_head": torch.eye(V),
-        "student_labels": labels,
-        "teacher_hidden": ht,
-        "teacher_lm_head": torch.eye(V),
-    }
-    return Case(proj, inputs, cross_tokenizer=False)
-
-
-@pytest.mark.parametrize("lam, alpha", [(0.1, 0.5), (0.3, 0.2)])
-@pytest.mark.parametrize("name", DIVERGENCES)
-@pytest.mark.parametrize("dist", range(len(HAND_MADE)))
-def test_divergence_closed_form(name, dist, lam, alpha):
-    p, q = ([x / sum(v) for x in v] for v in HAND_MADE[dist])
-    T = 2.0
-    want = closed_form(name, p, q, lam, alpha)
-    # the reference
-    z_q = T * torch.tensor([q], dtype=torch.float64).log()
-    z_p = T * torch.tensor([p], dtype=torch.float64).log()
-    got_ref = reference_divergence(name, z_q, z_p, temperature=T, skew_lambda=lam, akl_alpha=alpha)
-    assert float(got_ref) == pytest.approx(want, rel=1e-9, abs=1e-12)
-    # the project, student space (kd_student) and teacher space (kd_teacher)
-    case = identity_case([p], [q], T)
-    cfg = case.config(
-        divergence=name,
-        teacher_space_divergence=name,
-        temperature=T,
-        skew_lambda=lam,
-        akl_alpha=alpha,
-    )
-    out = dskd_loss(case.proj, **case.inputs, config=cfg)
-    assert _f(out.metrics["kd_student"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
-    assert _f(out.metrics["kd_teacher"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
-
-
-@pytest.mark.parametrize("name", DIVERGENCES)
-def test_temperature_applies_to_both_sides(name):
-    """D at T on logits z equals D at T = 1 on logits z / T (and no T^2 factor)."""
-    g = torch.Generator().manual_seed(0)
-    p = torch.softmax(torch.randn(3, 6, generator=g), -1).tolist()
-    q = torch.softmax(torch.randn(3, 6, generator=g), -1).tolist()
-    want = sum(closed_form(name, pp, qq, 0.1, 0.5) for pp, qq in zip(p, q)) / 3
-    case = identity_case(p, q, T=3.0)  # hidden = 3 log p, divided by T = 3 inside
-    cfg = case.config(divergence=name, teacher_space_divergence=name, temperature=3.0)
-    out = dskd_loss(case.proj, **case.inputs, config=cfg)
-    assert _f(out.metrics["kd_student"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
-    assert _f(out.metrics["kd_teacher"]) == pytest.approx(want, rel=1e-4, abs=1e-6)
-
-
-@pytest.mark.parametrize("name", DIVERGENCES)
-def test_identical_distributions_give_zero(name):
-    g = torch.Generator().manual_seed(1)
-    p = torch.softmax(3 * torch.randn(4, 8, generator=g), -1).tolist()
-    case = identity_case(p, p, T=2.0)
-    cfg = case.config(divergence=name, teacher_space_divergence=name)
-    out = dskd_loss(case.proj, **case.inputs, config=cfg)
-    for term in ("kd_student", "kd_teacher"):
-        assert abs(_f(out.metrics[term])) < 1e-6, term
-    (gh,) = torch.autograd.grad(out.loss, [case.inputs["student_hidden"]])
-    assert torch.isfinite(gh).all()
-    z = torch.tensor(p, dtype=torch.float64).log()
-    assert float(reference_divergence(name, z, z).abs().max()) < 1e-12
 
 
 @pytest.mark.parametrize("variant", ["same", "cma"])
@@ -713,7 +546,7 @@ def test_huge_bf16_logits_stay_finite(variant, name):
     case = make_case(variant, seed=12, dtype=torch.bfloat16, hidden_scale=1e3, full_ft=True)
     cfg = case.config(divergence=name, teacher_space_divergence=name, chunk_size=3)
     out = dskd_loss(case.proj, **case.inputs, config=cfg)
-    assert torch.isfinite(out.loss), _f(out.loss)
+    assert torch.isfinite(out.loss), as_float(out.loss)
     for term in METRICS:
         assert torch.isfinite(torch.as_tensor(out.metrics[term])).all(), term
     targets = case.trainable()
@@ -740,10 +573,10 @@ def test_bf16_inputs_close_to_float32(variant, name):
     out32 = dskd_loss(f32.proj, **f32.inputs, config=cfg)
     out16 = dskd_loss(bf16.proj, **bf16.inputs, config=cfg)
     assert torch.isfinite(out16.loss)
-    a, b = _f(out16.loss), _f(out32.loss)
+    a, b = as_float(out16.loss), as_float(out32.loss)
     assert abs(a - b) <= 0.01 * abs(b) + 0.01, ("loss", a, b)
     for term in ("ce", "kd_student", "kd_teacher", "t2s_ce"):
-        a, b = _f(out16.metrics[term]), _f(out32.metrics[term])
+        a, b = as_float(out16.metrics[term]), as_float(out32.metrics[term])
         assert abs(a - b) <= 0.02 * abs(b) + 0.01, (term, a, b)
     gh = grads(out16.loss, bf16.trainable())
     assert all(g is None or torch.isfinite(g).all() for g in gh.values())
@@ -1168,3 +1001,188 @@ def test_benchmark_inputs_agree_at_small_realistic_shape():
         g_out = torch.autograd.grad(out.loss, inputs["student_hidden"])[0]
         g_base = torch.autograd.grad(base_loss, inputs["student_hidden"])[0]
         assert_rel(g_base, g_out, f"{variant} d loss / d student_hidden", rtol=BASELINE_RTOL)
+
+
+# ============================================================================================
+# fp16 logits beyond fp16's range
+# ============================================================================================
+
+
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def _huge_fp16_inputs(cross_tokenizer: bool) -> tuple[Projectors, dict]:
+    """fp16 hidden states and LM heads whose products reach ~80000, past fp16's 65504."""
+    g = torch.Generator().manual_seed(0)
+    B, L, d_s, d_t, V_s, V_t = 2, 7, 8, 12, 32, 40
+    torch.manual_seed(0)
+    proj = Projectors(d_s, d_t, cross_tokenizer=cross_tokenizer)
+    h_s, h_t = torch.randn(B, L, d_s, generator=g) * 30, torch.randn(B, L, d_t, generator=g) * 30
+    W_s, W_t = torch.randn(V_s, d_s, generator=g) * 30, torch.randn(V_t, d_t, generator=g) * 30
+    h_s[:, :, :] = h_s.abs() + 60  # one direction everywhere: a head row along it gives huge logits
+    W_s[3] = 120.0
+    h_t[:, :, :] = h_t.abs() + 60
+    W_t[5] = 120.0
+    ids_s = torch.randint(1, V_s, (B, L), generator=g)
+    labels = ids_s.clone()
+    labels[:, :2] = -100
+    inputs = {
+        "student_hidden": h_s.half().requires_grad_(),
+        "student_lm_head": W_s.half().requires_grad_(),
+        "student_labels": labels,
+        "teacher_hidden": h_t.half(),
+        "teacher_lm_head": W_t.half(),
+    }
+    if cross_tokenizer:
+        ids_t = torch.randint(1, V_t, (B, L + 2), generator=g)
+        t_labels = ids_t.clone()
+        t_labels[:, :3] = -100
+        inputs.update(
+            teacher_hidden=(torch.randn(B, L + 2, d_t, generator=g).abs() * 30 + 60).half(),
+            teacher_labels=t_labels,
+            student_input_ids=ids_s,
+            teacher_input_ids=ids_t,
+            student_embeddings=torch.randn(V_s, d_s, generator=g).half(),
+            teacher_embeddings=torch.randn(V_t, d_t, generator=g).half(),
+        )
+    else:
+        inputs["teacher_labels"] = labels
+    return proj, inputs
+
+
+def _as_float32(inputs: dict) -> dict:
+    return {
+        k: (v.detach().float().requires_grad_(v.requires_grad) if v.is_floating_point() else v)
+        for k, v in inputs.items()
+    }
+
+
+@pytest.mark.parametrize("cross_tokenizer", [False, True], ids=["same_vocab", "cma"])
+def test_fp16_logits_beyond_fp16_range_stay_finite_and_match_float32(cross_tokenizer):
+    proj, fp16 = _huge_fp16_inputs(cross_tokenizer)
+    logits = fp16["student_hidden"].float() @ fp16["student_lm_head"].float().T
+    assert logits.abs().max() > FP16_MAX  # the case is what it claims: fp16 cannot hold these
+    config = DSKDLossConfig(cross_tokenizer=cross_tokenizer, token_alignment="cma", chunk_size=5)
+    f32 = _as_float32(fp16)
+
+    out16 = dskd_loss(proj, **fp16, config=config)
+    out32 = dskd_loss(proj, **f32, config=config)
+    assert torch.isfinite(out16.loss)
+    torch.testing.assert_close(out16.loss, out32.loss, rtol=1e-4, atol=1e-3)
+    for term in ("ce", "kd_student", "kd_teacher", "t2s_ce", "t2s_acc"):
+        assert math.isfinite(float(out16.metrics[term])), term
+        torch.testing.assert_close(out16.metrics[term], out32.metrics[term], rtol=1e-4, atol=1e-3)
+    trainable = [fp16["student_hidden"], fp16["student_lm_head"], *proj.parameters()]
+    for grad in torch.autograd.grad(out16.loss, trainable, allow_unused=True):
+        assert grad is None or torch.isfinite(grad).all()
+
+
+# ============================================================================================
+# Malformed dataset rows through the teacher-token builder and the loss
+# ============================================================================================
+
+
+def _row(tokenizer, prompt: str, response: str, *, eos: bool) -> tuple[list[int], list[int]]:
+    """Student ids and labels as Axolotl builds them: BOS and prompt untrained, response (and
+    EOS) trained."""
+    prompt_ids = tokenizer(prompt)["input_ids"]  # with the student's BOS
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if eos:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
+
+
+def test_malformed_rows_pass_the_builder_and_the_loss_without_nan(assets):
+    """Empty response, a response that is nothing to the teacher, whitespace only, and text
+    longer than both models' contexts, batched with one ordinary row through the real
+    tokenizers and models: nothing crashes, every term and gradient is finite, and a row
+    without a trained teacher token adds nothing to the distillation terms."""
+    from axolotl_dskd.core.models import final_hidden_states, input_embedding_weight, lm_head_weight
+    from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder
+
+    student_tok = AutoTokenizer.from_pretrained(assets["student_sp"])
+    teacher_tok = AutoTokenizer.from_pretrained(assets["teacher"])
+    student = AutoModelForCausalLM.from_pretrained(assets["student_sp"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"], dtype=torch.float32)
+    context = min(student.config.max_position_embeddings, teacher.config.max_position_embeddings)
+    long_prompt = "Add the numbers 12 and 30, then say the sum. " * 80
+
+    rows = {
+        "ordinary": _row(student_tok, "What is 12 + 30?", " 42", eos=True),
+        "empty response": _row(student_tok, "Say nothing.", "", eos=False),
+        "empty response, EOS": _row(student_tok, "Say nothing.", "", eos=True),
+        "nothing for the teacher": _row(student_tok, "Say a marker.", "<s>", eos=False),
+        "whitespace only": _row(student_tok, " \n ", " \n\t ", eos=True),
+        "longer than both contexts": _row(student_tok, long_prompt, " 42", eos=True),
+    }
+    ids, labels = rows["longer than both contexts"]
+    assert len(ids) > context and len(teacher_tok(long_prompt)["input_ids"]) > context
+    rows["longer than both contexts"] = (ids[:context], labels[:context])  # Axolotl's truncation
+    assert student_tok.convert_ids_to_tokens(rows["nothing for the teacher"][0][-1:]) == ["<s>"]
+
+    width = max(len(ids) for ids, _ in rows.values())
+    pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else student_tok.eos_token_id
+    batch = {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows.values()]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows.values()]),
+        "attention_mask": torch.tensor(
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows.values()]
+        ),
+    }
+    builder = TeacherTokenBuilder(student_tok, teacher_tok, max_length=teacher.config.max_position_embeddings)
+    teacher_batch = builder(batch)
+    assert teacher_batch["teacher_input_ids"].shape[1] <= teacher.config.max_position_embeddings
+    names = list(rows)
+    untrained_for_teacher = {
+        names[i] for i, row in enumerate(teacher_batch["teacher_labels"][:, 1:]) if (row == -100).all()
+    }
+    assert untrained_for_teacher >= {"empty response", "nothing for the teacher", "longer than both contexts"}
+    assert "ordinary" not in untrained_for_teacher
+
+    h_s = final_hidden_states(student, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        h_t = final_hidden_states(
+            teacher,
+            input_ids=teacher_batch["teacher_input_ids"],
+            attention_mask=teacher_batch["teacher_attention_mask"],
+        )
+    torch.manual_seed(0)
+    proj = Projectors(student.config.hidden_size, teacher.config.hidden_size, cross_tokenizer=True)
+    config = DSKDLossConfig(cross_tokenizer=True, token_alignment="cma", chunk_size=16)
+
+    def loss_of(keep: list[int]):
+        return dskd_loss(
+            proj,
+            student_hidden=h_s[keep], student_lm_head=lm_head_weight(student),
+            student_labels=batch["labels"][keep],
+            teacher_hidden=h_t[keep], teacher_lm_head=lm_head_weight(teacher),
+            teacher_labels=teacher_batch["teacher_labels"][keep],
+            student_input_ids=batch["input_ids"][keep],
+            teacher_input_ids=teacher_batch["teacher_input_ids"][keep],
+            student_embeddings=input_embedding_weight(student),
+            teacher_embeddings=input_embedding_weight(teacher),
+            config=config, num_items=1,  # sums, not means: rows can be compared term by term
+        )  # fmt: skip
+
+    def assert_finite(out, what: str) -> None:
+        assert torch.isfinite(out.loss), what
+        for term, value in out.metrics.items():
+            assert math.isfinite(float(value)), (what, term)
+        trainable = [h_s, lm_head_weight(student), *proj.parameters()]
+        if out.loss.requires_grad:
+            grads = torch.autograd.grad(out.loss, trainable, allow_unused=True, retain_graph=True)
+            assert all(g is None or torch.isfinite(g).all() for g in grads), what
+
+    out = loss_of(list(range(len(names))))
+    assert_finite(out, "the whole batch")
+
+    distillation = ("kd_student", "kd_teacher", "t2s_ce")
+    for name in untrained_for_teacher:
+        alone = loss_of([names.index(name)])
+        assert_finite(alone, name)
+        assert all(float(alone.metrics[t]) == 0.0 for t in distillation), (name, alone.metrics)
+    assert_finite(loss_of([names.index(name) for name in untrained_for_teacher]), "only malformed rows")
+
+    rest = loss_of([i for i, name in enumerate(names) if name not in untrained_for_teacher])
+    for term in distillation:
+        torch.testing.assert_close(out.metrics[term], rest.metrics[term], rtol=1e-5, atol=1e-6)

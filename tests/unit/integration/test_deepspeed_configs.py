@@ -24,7 +24,7 @@ from dskd_devkit.axolotl_runs import on_tiny_assets, write_config
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DS_DIR = REPO / "example_configs" / "deepspeed"
 STAGES = {"zero2.json": 2}
 EXAMPLES = {"dskd_zero2.yml": 2}

@@ -1,5 +1,7 @@
-"""DSKDTrainer built in this process, as Axolotl builds it: every ``dskd_*`` key of a YAML reaches
-the trainer and its loss, and the logged perplexity is the student's own."""
+"""DSKDTrainer built in this process, as Axolotl builds it (``axolotl_dskd.integration.trainer``):
+every ``dskd_*`` key of a YAML reaches the trainer and its loss, the logged perplexity is the
+student's own, gradient accumulation equals one batch, and an out-of-memory error names the
+settings to lower."""
 
 from __future__ import annotations
 
@@ -247,3 +249,114 @@ def test_separate_grad_clip_clips_student_and_projectors_each_on_their_own(asset
         norm = torch.stack(list(group.values())).norm()
         assert norm <= 1e-3 * (1 + 1e-4), g
         assert norm > 0.5e-3, g  # clipped to the bound, not shrunk by the other group's norm
+
+
+# ============================================================================================
+# Through the real DSKDTrainer: gradient_accumulation_steps=2 x 2 == 1 x 4
+# ============================================================================================
+
+
+def _features(tokenizer, n: int) -> list[dict]:
+    """Prompt (untrained) + response rows of different lengths, so micro-batches differ."""
+    from dskd_devkit.task import arithmetic_rows
+
+    rows = []
+    for i, r in enumerate(arithmetic_rows(n, seed=7)):
+        prompt = tokenizer(f"{r['instruction']} {r['input']} =")["input_ids"]
+        answer = tokenizer(" " + " ".join([r["output"]] * (1 + 3 * (i % 2))))["input_ids"]
+        rows.append(
+            {
+                "input_ids": prompt + answer,
+                "attention_mask": [1] * (len(prompt) + len(answer)),
+                "labels": [-100] * len(prompt) + answer,
+            }
+        )
+    return rows
+
+
+def _trainable(student, proj) -> dict[str, Tensor]:
+    out = {k: v.detach().clone() for k, v in student.named_parameters() if v.requires_grad}
+    out.update({f"proj.{k}": v.detach().clone() for k, v in proj.named_parameters()})
+    return out
+
+
+def _train_one_step(assets, tmp_path, state, *, micro_batch: int, accumulation: int):
+    """One optimizer step of ``DSKDTrainer``; returns (initial state, params before, after,
+    the projector gradients left over after the step)."""
+    import copy
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    from axolotl_dskd.core.teacher import load_teacher
+    from dskd_devkit.axolotl_runs import dskd_trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["student"])
+    student = AutoModelForCausalLM.from_pretrained(assets["student"], dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    student = get_peft_model(student, lora)
+    teacher = load_teacher(str(assets["teacher"]), device=torch.device("cpu"), dtype=torch.float32)
+    proj = Projectors(student.config.hidden_size, teacher.config.hidden_size)
+    if state is None:  # PEFT starts lora_B at 0; make the student's LoRA path live
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in student.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        state = (copy.deepcopy(student.state_dict()), copy.deepcopy(proj.state_dict()))
+    student.load_state_dict(state[0])
+    proj.load_state_dict(state[1])
+    before = _trainable(student, proj)
+    trainer = dskd_trainer(
+        student, teacher, proj, train_dataset=Dataset.from_list(_features(tokenizer, 4)),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        output_dir=str(tmp_path), per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd",
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+        dskd_projector_lr=1.0, curriculum_sampling=True,  # sequential order: both runs see the same 4 rows
+    )  # fmt: skip
+    trainer.train()
+    return state, before, _trainable(student, proj), [p.grad for p in proj.parameters()]
+
+
+def test_dskd_trainer_accumulation_equals_one_batch(assets, tmp_path):
+    """One SGD step (lr 1, no clipping, no decay) of the real trainer: 2 micro-batches of 2 rows
+    with gradient_accumulation_steps=2 give the update of 1 micro-batch of all 4 rows."""
+    state, before, acc, _leftover = _train_one_step(
+        assets, tmp_path / "acc", None, micro_batch=2, accumulation=2
+    )
+    _, before_one, one, _ = _train_one_step(assets, tmp_path / "one", state, micro_batch=4, accumulation=1)
+    assert acc.keys() == one.keys() == before.keys()
+    for name in acc:
+        torch.testing.assert_close(before_one[name], before[name], rtol=0, atol=0)
+        torch.testing.assert_close(acc[name], one[name], rtol=1e-4, atol=1e-6, msg=f"{name}: updates differ")
+    moved = [n for n in acc if not torch.allclose(acc[n], before[n], rtol=1e-3, atol=1e-6)]
+    assert any("lora" in n for n in moved) and any(n.startswith("proj.") for n in moved), moved
+
+
+def test_projector_gradients_are_cleared_after_each_optimizer_step(assets, tmp_path):
+    """The trainer zeroes only the model's gradients; the projectors' must not leak into the
+    next step (they would act as an unbounded running sum)."""
+    *_, leftover = _train_one_step(assets, tmp_path, None, micro_batch=2, accumulation=2)
+    assert all(grad is None for grad in leftover)
+
+
+# ============================================================================================
+# Out of memory
+# ============================================================================================
+
+
+def test_out_of_memory_names_the_settings_to_lower():
+    from axolotl_dskd.integration.trainer import explain_out_of_memory
+
+    original = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with pytest.raises(torch.OutOfMemoryError) as info, explain_out_of_memory():
+        raise original
+    message = str(info.value)
+    assert message.startswith("CUDA out of memory. Tried to allocate 20.00 GiB")
+    for setting in ("dskd_chunk_size", "micro_batch_size", "sequence_len"):
+        assert setting in message, setting
+    assert info.value.__cause__ is original
+    with pytest.raises(ValueError, match="^unrelated$"), explain_out_of_memory():  # others pass untouched
+        raise ValueError("unrelated")

@@ -1,13 +1,13 @@
 """The offline teacher in this process: a cache built by the plugin's command on the tiny assets
 (Axolotl's own preparation, the 4-bit teacher, a sentencepiece student across tokenizers), and
-what a user relies on around it: the right states, resuming, corruption, stale caches, missing
-samples, storage precision, a teacher folder without its transformer."""
+what a user relies on around it (``axolotl_dskd.core.teacher_cache``): the right states, resuming,
+corruption, missing samples, storage precision, a teacher folder without its transformer. Stale
+caches: ``integration/test_cache_identity.py``."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,37 +16,9 @@ import torch
 from axolotl_dskd.core import teacher_cache
 from axolotl_dskd.core.loss import IGNORE_INDEX, DSKDLossConfig, Projectors, dskd_loss, teacher_positions_read
 from axolotl_dskd.core.teacher_cache import TeacherCache, TeacherCacheError, decode, encode
-from dskd_devkit.axolotl_runs import dskd_config, load_config, prepared_datasets, refusal, write_config
-from dskd_devkit.training import head_only_copy, save_pair, tiny_model
-
-SHARD_MB = 0.05  # three shards of the 63 samples
-
-
-def build(cfg: dict, workdir: Path, overwrite: bool = False) -> dict:
-    """``python -m axolotl_dskd.cache_teacher config.yml --shard-size 0.05 [--overwrite]``, in
-    this process."""
-    from axolotl.integrations.base import PluginManager
-
-    from axolotl_dskd.cache_teacher import build as build_cache
-
-    PluginManager.get_instance().plugins.clear()
-    return build_cache(write_config(cfg, workdir / "config.yml"), shard_size_mb=SHARD_MB, overwrite=overwrite)
-
-
-def cache_config(assets: dict, workdir: Path, cache: Path, **overrides: Any) -> dict:
-    return dskd_config(
-        assets, workdir, student="student_sp", dskd_teacher_cache=str(cache),
-        dskd_teacher_cache_dtype="float32", **overrides,
-    )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def built(assets, tmp_path_factory) -> tuple[dict, Path]:
-    """A finished float32 cache across tokenizers, and its config."""
-    workdir = tmp_path_factory.mktemp("built")
-    cfg = cache_config(assets, workdir, workdir / "cache")
-    build(cfg, workdir)
-    return cfg, workdir / "cache"
+from dskd_devkit.axolotl_runs import load_config, prepared_datasets
+from dskd_devkit.training import head_only_copy
+from tests.unit.shared import build, cache_config
 
 
 @pytest.fixture(scope="module")
@@ -132,72 +104,6 @@ def test_a_corrupted_shard_is_detected(assets, built, tmp_path):
     assert manifest["complete"] and manifest["shards"] == teacher_cache.read_manifest(built[1])["shards"]
 
 
-def _other_teacher(assets: dict, folder: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
-    return save_pair(tiny_model("qwen2", tokenizer, hidden_size=64, seed=3), tokenizer, folder)
-
-
-def _other_weights(assets: dict, folder: Path) -> Path:
-    """The teacher's config and tokenizer with other weights (a new fine-tune saved over it)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
-    return save_pair(tiny_model("qwen2", tokenizer, hidden_size=128, seed=3), tokenizer, folder)
-
-
-def _other_tokenizer(assets: dict, folder: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(assets["teacher"])
-    tokenizer.add_tokens(["<other>"])
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def _other_data(assets: dict, folder: Path) -> list[dict]:
-    data = folder / "other.jsonl"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    data.write_text("".join(Path(assets["data"]).read_text().splitlines(keepends=True)[:40]))
-    return [{"path": str(data), "ds_type": "json", "type": "alpaca"}]
-
-
-STALE_RUNS = {
-    "another teacher": lambda a, p: {"dskd_teacher": str(_other_teacher(a, p / "teacher"))},
-    "other teacher weights": lambda a, p: {"dskd_teacher": str(_other_weights(a, p / "teacher"))},
-    "another loading of the teacher": lambda a, p: {"dskd_teacher_load_in_4bit": False},
-    "another teacher tokenizer": lambda a, p: {"dskd_teacher_tokenizer": str(_other_tokenizer(a, p / "tok"))},
-    "another teacher chat template": lambda a, p: {"dskd_teacher_chat_template": "chatml"},
-    "other datasets": lambda a, p: {"datasets": _other_data(a, p)},
-    "another sequence_len": lambda a, p: {"sequence_len": 128},
-    "another pairing of the two models": lambda a, p: {"base_model": str(a["student"])},
-    "another storage dtype": lambda a, p: {"dskd_teacher_cache_dtype": "bfloat16"},
-}
-
-
-@pytest.mark.parametrize("kind", list(STALE_RUNS))
-def test_a_stale_cache_is_refused_at_validation(assets, built, tmp_path, kind):
-    """A cache built for another run is refused before anything loads, naming
-    dskd_teacher_cache, what differs and how to rebuild."""
-    cfg = {**built[0], **STALE_RUNS[kind](assets, tmp_path)}
-    message = refusal(cfg, tmp_path)
-    assert f"dskd_teacher_cache: the cache in {built[1]} was built for " in message and kind in message
-    assert "axolotl dskd-cache-teacher config.yml" in message
-
-
-def test_a_missing_unfinished_or_older_cache_is_refused(built, tmp_path):
-    older = tmp_path / "older"
-    shutil.copytree(built[1], older)
-    manifest = json.loads((older / "manifest.json").read_text())
-    manifest["identity"]["format_version"] = 0
-    (older / "manifest.json").write_text(json.dumps(manifest))
-    message = refusal({**built[0], "dskd_teacher_cache": str(older)}, tmp_path)
-    assert "built for an older cache format (cache: 0, this run: 1)" in message
-    message = refusal({**built[0], "dskd_teacher_cache": str(tmp_path / "none")}, tmp_path)
-    assert f"dskd_teacher_cache: {tmp_path / 'none'} holds no teacher cache. Build it with" in message
-
-
 def test_a_sample_missing_from_the_cache_is_an_error_with_a_count(built, prepared):
     """The plugin's collator places each sample's states where the loss reads them; a sample the
     cache does not hold (its labels changed since) stops the batch with a count, never a silent
@@ -277,36 +183,3 @@ def test_training_reads_the_head_from_a_folder_without_the_transformer(assets, t
     (folder / "model.safetensors").unlink()
     with pytest.raises(TeacherConfigError, match="dskd_teacher: .* has no safetensors weights"):
         load_teacher_head(str(folder), device=torch.device("cpu"), dtype=torch.float32, with_embeddings=False)
-
-
-def _adapter(assets: dict, folder: Path, **lora: Any) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"])
-    get_peft_model(teacher, LoraConfig(r=2, **lora)).save_pretrained(folder)
-    return folder
-
-
-@pytest.mark.parametrize(
-    ("lora", "changed"),
-    [
-        ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "lm_head"),
-        ({"target_modules": ["q_proj", "embed_tokens"]}, "model.embed_tokens"),
-        ({"target_modules": ["q_proj", "v_proj"]}, None),
-    ],
-)
-def test_a_teacher_adapter_that_changes_the_head_is_refused_with_a_cache(assets, tmp_path, lora, changed):
-    """The cache's training reads the LM head and embeddings from the base teacher's files: an
-    adapter that retrains either is refused by key (merge it first); one on attention is not."""
-    cfg = cache_config(
-        assets,
-        tmp_path,
-        tmp_path / "no-cache",
-        dskd_teacher_adapter=str(_adapter(assets, tmp_path / "a", **lora)),
-    )
-    message = refusal(cfg, tmp_path)
-    if changed is None:
-        assert "holds no teacher cache" in message, message
-    else:
-        assert f"dskd_teacher_adapter: {tmp_path / 'a'} changes the teacher's {changed}," in message, message

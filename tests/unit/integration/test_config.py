@@ -1,15 +1,22 @@
-"""The plugin's YAML keys through Axolotl's own config loading: what validates, what is refused
-(before any model loads) and with which message, and the example configs."""
+"""The plugin's YAML keys through Axolotl's own config loading (``axolotl_dskd.integration.args``,
+``validation``, ``plugin``): what validates, what is refused (before any model loads) and with which
+message, generated configs refused by key exactly when invalid, and the example configs."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
 
+from axolotl_dskd.core.divergences import DIVERGENCES
 from dskd_devkit.axolotl_runs import (
     OFFLINE_ENV,
     dskd_config,
@@ -18,10 +25,11 @@ from dskd_devkit.axolotl_runs import (
     refusal,
     write_config,
 )
+from tests.unit.shared import cache_config
 
 pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("spelling", ["axolotl_dskd.DSKDPlugin", "axolotl_dskd"])
@@ -232,3 +240,144 @@ def test_uld_needs_no_shared_vocabulary_and_trains_no_projectors(assets, tmp_pat
         tmp_path,
     )
     assert "dskd_projectors is set, but dskd_method: uld trains no projectors" in message, message
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("no_such_template", "neither auto, student"), ("{% if %}", "does not compile")],
+)
+def test_bad_teacher_template_is_refused_by_key(assets, tmp_path, value, says):
+    message = refusal(
+        dskd_config(assets, tmp_path, student="student_sp", dskd_teacher_chat_template=value), tmp_path
+    )
+    assert "dskd_teacher_chat_template" in message and says in message
+
+
+def _adapter(assets: dict, folder: Path, **lora: Any) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(assets["teacher"])
+    get_peft_model(teacher, LoraConfig(r=2, **lora)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("lora", "changed"),
+    [
+        ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "lm_head"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, "model.embed_tokens"),
+        ({"target_modules": ["q_proj", "v_proj"]}, None),
+    ],
+)
+def test_a_teacher_adapter_that_changes_the_head_is_refused_with_a_cache(assets, tmp_path, lora, changed):
+    """The cache's training reads the LM head and embeddings from the base teacher's files: an
+    adapter that retrains either is refused by key (merge it first); one on attention is not."""
+    cfg = cache_config(
+        assets,
+        tmp_path,
+        tmp_path / "no-cache",
+        dskd_teacher_adapter=str(_adapter(assets, tmp_path / "a", **lora)),
+    )
+    message = refusal(cfg, tmp_path)
+    if changed is None:
+        assert "holds no teacher cache" in message, message
+    else:
+        assert f"dskd_teacher_adapter: {tmp_path / 'a'} changes the teacher's {changed}," in message, message
+
+
+# ============================================================================================
+# Generated configs: refused by key exactly when invalid
+# ============================================================================================
+
+
+def _values(valid, invalid: list) -> tuple[st.SearchStrategy, st.SearchStrategy]:
+    return (valid if isinstance(valid, st.SearchStrategy) else st.sampled_from(valid)), st.sampled_from(
+        invalid
+    )
+
+
+NONFINITE = [math.nan, math.inf, -math.inf]
+
+
+unit = st.floats(0.0, 1.0)
+
+
+KEY_VALUES: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
+    "dskd_kd_rate": _values(unit, [-0.1, 1.5, 100.0, "half", *NONFINITE]),
+    "dskd_temperature": _values(st.floats(0.05, 50.0), [0.0, -1.0, "warm", *NONFINITE]),
+    "dskd_divergence": _values(list(DIVERGENCES), ["kl", "tvd", "Forward_KL", "", "js "]),
+    "dskd_teacher_space_divergence": _values(list(DIVERGENCES), ["kl", "jsd", "cross_entropy"]),
+    "dskd_skew_lambda": _values(st.floats(0.01, 0.99), [0.0, 1.0, -0.5, 1.5, *NONFINITE]),
+    "dskd_akl_alpha": _values(unit, [-0.1, 1.1, 3.0, *NONFINITE]),
+    "dskd_cross_tokenizer": _values([True, False, "auto"], ["sometimes", 2, "off-ish"]),
+    "dskd_projector_lr": _values(st.floats(1e-6, 1.0), [0.0, -1e-3, *NONFINITE]),
+    "dskd_chunk_size": _values(st.integers(1, 4096), [0, -8, 2.5, "big"]),
+    "dskd_on_nonfinite": _values(["stop", "skip"], ["ignore", "STOP", "warn"]),
+    "dskd_method": _values(["dskd", "vanilla_kd", "uld"], ["kd", "DSKD", "distill"]),
+}
+
+
+@st.composite
+def plugin_configs(draw) -> tuple[dict, set[str]]:
+    """Plugin keys over a valid base config, and the ``dskd_`` keys that make it invalid
+    (empty: it must validate). Each value is invalid one time in five."""
+    student = draw(st.sampled_from(["student", "student_sp"]))  # same vocabulary / not
+    teacher = draw(st.sampled_from(["fixture"] * 4 + ["missing folder", "absent"]))
+    overrides = {}
+    bad: set[str] = set()
+    for key in draw(st.lists(st.sampled_from(sorted(KEY_VALUES)), unique=True, max_size=4)):
+        valid, invalid = KEY_VALUES[key]
+        if draw(st.integers(0, 4)) == 0:
+            overrides[key] = draw(invalid)
+            bad.add(key)
+        else:
+            overrides[key] = draw(valid)
+    quantization = draw(st.sampled_from([(False, False), (True, False), (False, True)] * 2 + [(True, True)]))
+    overrides["dskd_teacher_load_in_4bit"], overrides["dskd_teacher_load_in_8bit"] = quantization
+    if all(quantization):
+        bad.add("dskd_teacher_load_in_4bit")
+    different_vocab = student == "student_sp"
+    if different_vocab and overrides.get("dskd_cross_tokenizer") is False:
+        bad.add("dskd_cross_tokenizer")
+    if different_vocab and overrides.get("dskd_method") == "vanilla_kd":
+        bad.add("dskd_method")
+    if teacher == "missing folder":
+        overrides["dskd_teacher"] = "/nonexistent/teacher"
+        bad.add("dskd_teacher")
+    elif teacher == "absent":
+        overrides["dskd_teacher"] = None  # left out of the YAML; the other dskd_ keys stay
+        bad.add("dskd_teacher")  # dskd_ keys without a teacher would silently do nothing
+    event("invalid" if bad else "valid")
+    return {"student": student, **overrides}, bad
+
+
+def _fixed(bad: set[str], **overrides) -> tuple[dict, set[str]]:
+    return {"student": "student", "dskd_teacher_load_in_4bit": False, **overrides}, bad
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=plugin_configs())
+@example(case=_fixed({"dskd_temperature"}, dskd_temperature=math.inf))  # a schema without an upper
+@example(case=_fixed({"dskd_projector_lr"}, dskd_projector_lr=math.inf))  # bound lets inf through
+@example(case=_fixed({"dskd_teacher"}, dskd_teacher=None, dskd_kd_rate=0.3))  # would be plain SFT
+@example(
+    case=_fixed({"dskd_teacher_load_in_4bit"}, dskd_teacher_load_in_4bit=True, dskd_teacher_load_in_8bit=True)
+)
+@example(case=_fixed(set(), student="student_sp", dskd_cross_tokenizer=True, dskd_on_nonfinite="skip"))
+def test_generated_configs_are_refused_by_key_exactly_when_invalid(assets, case):
+    overrides, bad = case
+    overrides = dict(overrides)
+    student = overrides.pop("student")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dskd_config(assets, Path(tmp), student=student, **overrides)
+        if bad:
+            message = refusal(cfg, Path(tmp))
+            assert any(key in message for key in bad), (bad, message)
+        else:
+            loaded = load_config(cfg, Path(tmp))
+            for key, value in overrides.items():
+                if key != "dskd_cross_tokenizer" and value is not None:
+                    assert loaded[key] == value, key
+            cross = overrides.get("dskd_cross_tokenizer", "auto")
+            assert loaded.dskd_cross_tokenizer is (student == "student_sp" if cross == "auto" else cross)

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from axolotl_dskd.core.loss import IGNORE_INDEX
-from axolotl_dskd.core.packing import sample_segments
 from axolotl_dskd.core.teacher_tokens import RoundTripStats, TeacherTokenBuilder
 from dskd_devkit.tiny_tokenizers import mixed_text_bpe, mixed_text_sentencepiece
 
@@ -481,13 +480,6 @@ def test_rows_without_position_ids_are_one_sample_each(pair, builder) -> None:
     assert set(out["student_segment_ids"][0].tolist()) == {0}
     assert set(out["teacher_segment_ids"][0].tolist()) == {0}
     assert teacher_samples(out)[0] == b.sample(*a)
-
-
-def test_sample_segments() -> None:
-    assert sample_segments([1, 1, 1, 1, 0, 0], [0, 1, 0, 1, 0, 1]) == [0, 0, 1, 1, -1, -1]
-    assert sample_segments([1, 2, 2, 3, 0], [0, 0, 1, 0, 5]) == [0, 1, 1, 2, -1]
-    assert sample_segments([1, 1, 1], [3, 4, 2]) == [0, 0, 1]  # a restart that skips 0
-    assert sample_segments([1, 1, 0], None) == [0, 0, -1]
 
 
 # -- random texts, random run boundaries (inside characters too) -------------------------------------
