@@ -129,18 +129,18 @@ class Retokenizer:
     def __init__(
         self,
         student_tokenizer: Any,
-        teacher: TeacherCodec,
+        teacher_tokenizer: Any,
         stats: RoundTripStats,
         check_round_trip: bool = True,
     ) -> None:
         self.student = TokenizerCodec(student_tokenizer)
-        self.teacher = teacher
+        self.teacher = TeacherCodec(teacher_tokenizer)
         self.stats = stats
         self.check_round_trip = check_round_trip
         self._s_bos = student_tokenizer.bos_token_id
         self._s_eos = student_tokenizer.eos_token_id
         self._s_pad = student_tokenizer.pad_token_id
-        self._t_eos = teacher.tokenizer.eos_token_id
+        self._t_eos = teacher_tokenizer.eos_token_id
         self._s_ctx = list(student_tokenizer.encode("a", add_special_tokens=False))
 
     def __call__(self, ids: list[int], labels: list[int]) -> SampleTokens:

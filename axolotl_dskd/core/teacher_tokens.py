@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from axolotl_dskd.core.codec import TeacherCodec
 from axolotl_dskd.core.loss import IGNORE_INDEX
 from axolotl_dskd.core.packing import segment_rows
 from axolotl_dskd.core.retokenize import Retokenizer, RoundTripStats, SampleTokens
@@ -67,9 +66,7 @@ class TeacherTokenBuilder:
         self.max_length = int(max_length)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.stats = RoundTripStats()
-        self._retokenize = Retokenizer(
-            student_tokenizer, TeacherCodec(teacher_tokenizer), self.stats, check_round_trip
-        )
+        self._retokenize = Retokenizer(student_tokenizer, teacher_tokenizer, self.stats, check_round_trip)
         self._reported_mismatch = False
         self._reported_fallbacks = False
         pad, eos = teacher_tokenizer.pad_token_id, teacher_tokenizer.eos_token_id
