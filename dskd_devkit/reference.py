@@ -53,6 +53,7 @@ _DEFAULTS = {
     "akl_alpha": 0.5,
     "cross_tokenizer": False,
     "token_alignment": "cma",
+    "kd_student_accuracy_mask": "attention",
 }
 F64 = torch.float64
 
@@ -184,12 +185,15 @@ def reference_dskd_loss(
     Cross-tokenizer pairing (``config.token_alignment``): ``cma`` attends over every trained
     pair; ``exact`` takes, for each trained student position ``i`` with a partner
     ``j = token_alignment[b, i] >= 0``, the same-vocabulary terms between the student state at
-    ``i`` and the teacher state at ``j`` (no accuracy mask), and CE alone elsewhere;
+    ``i`` and the teacher state at ``j`` (no accuracy mask unless ``kd_student_accuracy_mask``
+    is ``everywhere``), and CE alone elsewhere;
     ``exact+cma`` does the same on the partnered positions and attention for the trained
     student rows without a partner and the trained teacher columns that are no partner.
     """
     cfg = _config(config)
     T = float(cfg.temperature)
+    # kd_student only where the projected teacher's top-1 is the label, also off attention (DSKDv2)
+    masked_everywhere = cfg.kd_student_accuracy_mask == "everywhere"
 
     def div(name: str, student_side: Tensor, teacher_side: Tensor) -> Tensor:
         return reference_divergence(
@@ -225,10 +229,11 @@ def reference_dskd_loss(
         # ---------------- same vocabulary: M_t = M_s, y_t = y_s ----------------
         z_t2s = _linear64(proj.t2s, h_t) @ W_s_sg.T  # teacher projected into the student space
         t2s_ce = _ce(z_t2s[m_s], y_s[m_s]).sum() / N
-        kd_stu = div(cfg.divergence, z_s[m_s], z_t2s[m_s].detach()).sum() / N
+        correct = m_s & (z_t2s.argmax(-1) == y_s)
+        kd_rows = correct if masked_everywhere else m_s
+        kd_stu = div(cfg.divergence, z_s[kd_rows], z_t2s[kd_rows].detach()).sum() / N
         z_s2t = _linear64(proj.s2t, h_s) @ W_t.T  # student projected into the teacher space
         kd_tea = div(cfg.teacher_space_divergence, z_s2t[m_s], z_t[m_s]).sum() / N
-        correct = m_s & (z_t2s.argmax(-1) == y_s)
     else:
         # ---------------- different vocabularies ----------------
         mode = cfg.token_alignment
@@ -253,7 +258,8 @@ def reference_dskd_loss(
                 h_j = H_t[b, j]
                 z_t2s_bi = _linear64(proj.t2s, h_j) @ W_s_sg.T
                 t2s_ce = t2s_ce + _ce(z_t2s_bi[None], y_s[b, i][None]).sum() / N
-                kd_stu = kd_stu + div(cfg.divergence, z_s[b, i][None], z_t2s_bi[None].detach()).sum() / N
+                if not masked_everywhere or z_t2s_bi.argmax() == y_s[b, i]:
+                    kd_stu = kd_stu + div(cfg.divergence, z_s[b, i][None], z_t2s_bi[None].detach()).sum() / N
                 z_s2t_bi = _linear64(proj.s2t, h_s[b, i]) @ W_t.T
                 z_t_j = h_j @ W_t.T
                 kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t_bi[None], z_t_j[None]).sum() / N

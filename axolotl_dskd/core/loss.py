@@ -30,6 +30,8 @@ RATIO_METRICS = ("t2s_acc", "aligned_frac")
 """Metrics that are shares of this micro-batch's trained tokens, not sums over ``N``."""
 TOKEN_ALIGNMENTS = ("cma", "exact", "exact+cma")
 TokenAlignment = Literal["cma", "exact", "exact+cma"]
+ACCURACY_MASKS = ("attention", "everywhere")
+AccuracyMask = Literal["attention", "everywhere"]
 
 
 def _setting(default: Any, doc: str, **bounds: Any) -> Any:
@@ -49,15 +51,20 @@ _BOUND_CHECKS: dict[str, tuple[Callable[[float, float], bool], str]] = {
 
 @dataclass(frozen=True, kw_only=True)
 class DSKDLossConfig:
-    """Hyperparameters of the DSKD loss. The defaults are the paper's, but for
-    ``token_alignment``: the paper pairs positions by cross-model attention (``cma``).
+    """Hyperparameters of the DSKD loss. The defaults are the paper's, but for ``kd_rate``
+    (the paper's is 0.5) and ``token_alignment`` (the paper pairs positions by cross-model
+    attention, ``cma``): both chosen on real models (docs/benchmarks.md).
 
     The single source of the loss settings' defaults, ranges and help: the plugin's
     ``dskd_<name>`` YAML keys read them from these fields.
     """
 
     kd_rate: float = _setting(
-        0.5, "r in loss = (1 - r) CE + r (kd_student + t2s_ce + kd_teacher).", ge=0.0, le=1.0
+        1 / 3,
+        "r in loss = (1 - r) CE + r (kd_student + t2s_ce + kd_teacher). 1/3 weighs CE against the "
+        "two distillation terms 1 : 1, as vanilla KD at r = 0.5 does (the paper: 0.5).",
+        ge=0.0,
+        le=1.0,
     )
     temperature: float = _setting(
         2.0, "Softmax temperature of the distillation terms.", gt=0.0, allow_inf_nan=False
@@ -74,6 +81,12 @@ class DSKDLossConfig:
         "Cross-tokenizer pairing of student and teacher positions: cma (cross-model attention), "
         "exact (positions where both have read the same text, the rest CE only), exact+cma.",
     )
+    kd_student_accuracy_mask: AccuracyMask = _setting(
+        "attention",
+        "Where kd_student counts only the tokens whose projected teacher predicts the label: "
+        "attention (the paper: tokens paired by cross-model attention) or everywhere (DSKDv2: "
+        "exact and same-vocabulary pairs too).",
+    )
     chunk_size: int | None = _setting(
         None, "Trained tokens per vocabulary chunk; default max(16, 2**24 // vocabulary).", ge=1
     )
@@ -84,6 +97,7 @@ class DSKDLossConfig:
             ("divergence", DIVERGENCES),
             ("teacher_space_divergence", DIVERGENCES),
             ("token_alignment", TOKEN_ALIGNMENTS),
+            ("kd_student_accuracy_mask", ACCURACY_MASKS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
@@ -162,7 +176,8 @@ def _student_space_chunk(
 
     ``by_attention`` marks the tokens whose projected teacher comes from cross-model attention:
     there kd_student counts only where that projected teacher predicts the label (the paper's
-    accuracy mask); a teacher state paired position by position is distilled everywhere.
+    accuracy mask); a teacher state paired position by position is distilled everywhere, unless
+    ``config.kd_student_accuracy_mask`` is ``everywhere``.
     Stats: ``[ce, t2s_ce, kd_student, t2s_correct]`` sums.
     """
     divergence = get_divergence(config.divergence, config.skew_lambda, config.akl_alpha)
@@ -171,7 +186,8 @@ def _student_space_chunk(
     ce = F.cross_entropy(z_s, targets, reduction="none")
     t2s_ce = torch.where(t2s_valid, F.cross_entropy(z_t2s, targets, reduction="none"), 0.0)
     correct = t2s_valid & (z_t2s.detach().argmax(-1) == targets)
-    kd_mask = torch.where(by_attention, correct, t2s_valid)
+    everywhere = config.kd_student_accuracy_mask == "everywhere"
+    kd_mask = correct if everywhere else torch.where(by_attention, correct, t2s_valid)
     log_q = F.log_softmax(z_s / config.temperature, dim=-1)
     log_p = F.log_softmax(z_t2s.detach() / config.temperature, dim=-1)
     kd = torch.where(kd_mask, divergence(log_q, log_p), 0.0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from axolotl_dskd.core.loss import DSKDLossConfig
 from dskd_devkit.axolotl_runs import assert_ok, dskd_config, run_train, start_train, training_logs
 
 pytestmark = pytest.mark.e2e
@@ -48,7 +49,7 @@ def test_run_logs_every_dskd_term_and_saves_projectors(uninterrupted):
         assert set(weights) == {"t2s.weight", "t2s.bias", "s2t.weight", "s2t.bias"}
         meta = json.loads((folder / "dskd_projectors.json").read_text())
         assert meta["shapes"]["t2s.weight"] == [64, 128]  # student d=64, teacher d=128
-        assert meta["loss_config"]["kd_rate"] == 0.5
+        assert meta["loss_config"]["kd_rate"] == DSKDLossConfig().kd_rate
     assert not torch.equal(
         load_file(out / f"checkpoint-{SAVE_EVERY}" / "dskd_projectors.safetensors")["t2s.weight"],
         load_file(out / f"checkpoint-{STEPS}" / "dskd_projectors.safetensors")["t2s.weight"],

@@ -31,6 +31,7 @@ NOT_DEFAULT = {
     "chunk_size": 17,
     "compile": True,
     "token_alignment": "cma",
+    "kd_student_accuracy_mask": "everywhere",
 }
 """A value other than the default for every loss setting with a YAML key."""
 
