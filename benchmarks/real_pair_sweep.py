@@ -84,7 +84,6 @@ ARMS: dict[str, dict[str, Any]] = {
         "clip": "joint",
     },
     "dskd_cma": {"method": "dskd", "loss": {"token_alignment": "cma"}},
-    "dskd_exact_cma": {"method": "dskd", "loss": {"token_alignment": "exact+cma"}},
     "dskd_r050": {"method": "dskd", "loss": HALF},
     "dskd_r033": {"method": "dskd", "loss": {"kd_rate": 0.3333}},
     "dskd_r010": {"method": "dskd", "loss": {"kd_rate": 0.1}},
@@ -313,13 +312,19 @@ def run(arm: str, seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> d
     return result
 
 
+def _runs(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            run_ = json.loads(line)
+            runs.setdefault(run_["arm"], {})[run_["seed"]] = run_
+    return runs
+
+
 def write_table(results: Path) -> Path:
     """``real_pair.md``: held-out answer NLL per arm (mean over seeds, and each seed), from every
     run in ``results`` (the last run of an arm and seed counts)."""
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for line in results.read_text().splitlines():
-        run_ = json.loads(line)
-        runs.setdefault(run_["arm"], {})[run_["seed"]] = run_
+    runs = _runs(results)
     rows = [
         "| Arm | Seeds | NLL/token | NLL/byte | Per seed (NLL/token) | Spec |",
         "|---|---|---|---|---|---|",
@@ -374,15 +379,6 @@ PAIRS = {
     "smollm2": "SmolLM2-135M-Instruct (same vocabulary)",
     "qwen": "Qwen2.5-Coder-1.5B-Instruct (other tokenizer)",
 }
-
-
-def _runs(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
-    runs: dict[str, dict[int, dict[str, Any]]] = {}
-    if results.is_file():
-        for line in results.read_text().splitlines():
-            run_ = json.loads(line)
-            runs.setdefault(run_["arm"], {})[run_["seed"]] = run_
-    return runs
 
 
 def write_summary(out: Path = RESULTS_DIR / "real_models.md") -> Path:
