@@ -95,6 +95,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "dskd_r033_frozen_projectors": {"method": "dskd", "loss": {"kd_rate": 0.3333}, "projector_lr": 0.0},
     "dskd_pinv_identity": {"method": "dskd", "loss": HALF, "pinv_identity": True},
     "dskd_mask_everywhere": {"method": "dskd", "loss": {**HALF, "kd_student_accuracy_mask": "everywhere"}},
+    "dskd_r033_shared": {
+        "method": "dskd",
+        "loss": {"kd_rate": 0.3333, "student_space_target": "shared_vocabulary"},
+    },
     "dskd_r033_mask_everywhere": {
         "method": "dskd",
         "loss": {"kd_rate": 0.3333, "kd_student_accuracy_mask": "everywhere"},
@@ -235,7 +239,7 @@ def run(arm: str, seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> d
         torch.manual_seed(seed)
         projectors = Projectors(head.shape[1], t_head.shape[1], cross_tokenizer=cross)
         if spec.get("init", "pinv") == "pinv":
-            s_ids, t_ids = shared_vocabulary(ctx["student_tok"], ctx["teacher_tok"])
+            s_ids, t_ids = ctx["shared_vocabulary"]
             if spec.get("pinv_identity"):
                 s_ids = t_ids = torch.arange(head.shape[0])
             logit_equivalent_projectors(projectors, head, t_head, s_ids, t_ids)
@@ -278,7 +282,8 @@ def run(arm: str, seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> d
                 out = dskd_loss(projectors, **common, teacher_labels=t_labels, student_input_ids=ids,
                                 teacher_input_ids=t["teacher_input_ids"], token_alignment=t["token_alignment"],
                                 student_embeddings=base.model.embed_tokens.weight.detach(),
-                                teacher_embeddings=ctx["teacher"].model.embed_tokens.weight.detach())  # fmt: skip
+                                teacher_embeddings=ctx["teacher"].model.embed_tokens.weight.detach(),
+                                shared_vocabulary=ctx["shared_vocabulary"])  # fmt: skip
             else:
                 out = dskd_loss(projectors, **common, teacher_labels=labels)
             loss, metrics = out.loss, out.metrics
@@ -372,6 +377,7 @@ HEADLINE = {
     "dskd_cma": "DSKD, the plugin's defaults but CMA",
     "dskd_r050": "DSKD, the plugin's defaults but kd_rate 0.5",
     "dskd_r033": "DSKD, the plugin's defaults (kd_rate 0.3333)",
+    "dskd_r033_shared": "DSKD, the plugin's defaults but dskd_student_space_target: shared_vocabulary",
     "dskd_default": "DSKD, the plugin's defaults",
 }
 """The arms of the summary table, in its order, with what they are."""
@@ -480,6 +486,7 @@ def main() -> None:
     ctx = {"student_model": student_model, "student_tok": tok, "teacher": teacher, "teacher_tok": t_tok,
            "train": train, "states": states, "readings": readings, "heldout": heldout,
            "pad": tok.pad_token_id, "teacher_pad": t_tok.pad_token_id,
+           "shared_vocabulary": shared_vocabulary(tok, t_tok),
            "overrides": {k: v for k, v in extra.items() if k in ARMS}}  # fmt: skip
     if args.speed:
         print(

@@ -54,6 +54,7 @@ _DEFAULTS = {
     "cross_tokenizer": False,
     "token_alignment": "cma",
     "kd_student_accuracy_mask": "attention",
+    "student_space_target": "projected",
 }
 F64 = torch.float64
 
@@ -176,6 +177,7 @@ def reference_dskd_loss(
     num_items: int | Tensor | None = None,
     student_segment_ids: Tensor | None = None,
     teacher_segment_ids: Tensor | None = None,
+    shared_vocabulary: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The DSKD loss of one micro-batch, exactly as the spec writes it, in float64.
 
@@ -189,11 +191,38 @@ def reference_dskd_loss(
     is ``everywhere``), and CE alone elsewhere;
     ``exact+cma`` does the same on the partnered positions and attention for the trained
     student rows without a partner and the trained teacher columns that are no partner.
+
+    ``student_space_target: shared_vocabulary``: at every position paired one to one (same
+    vocabulary, exact partners) kd_student compares the student's logits of the shared tokens
+    (``shared_vocabulary[0]``; one vocabulary: every common id) with the teacher's logits of the
+    same tokens (``shared_vocabulary[1]``), each renormalized over them; the accuracy mask then
+    asks whether the teacher's top shared token is the label.
     """
     cfg = _config(config)
     T = float(cfg.temperature)
     # kd_student only where the projected teacher's top-1 is the label, also off attention (DSKDv2)
     masked_everywhere = cfg.kd_student_accuracy_mask == "everywhere"
+    own_target = getattr(cfg, "student_space_target", "projected") == "shared_vocabulary"
+    if own_target and not cfg.cross_tokenizer:
+        common = torch.arange(min(student_lm_head.shape[0], teacher_lm_head.shape[0]))
+        shared_vocabulary = (common, common)
+    if own_target and shared_vocabulary is None:
+        raise ValueError("student_space_target='shared_vocabulary' needs the shared token ids")
+    s_ids, t_ids = shared_vocabulary if own_target else (None, None)
+
+    def student_space_kd(
+        z_student: Tensor, z_teacher_own: Tensor, z_projected: Tensor, label: Tensor
+    ) -> Tensor:
+        """kd_student of one row paired position by position, zero where the mask drops it."""
+        if own_target:
+            student_side, teacher_side = z_student[s_ids], z_teacher_own[t_ids]
+            agrees = s_ids[teacher_side.argmax()] == label
+        else:
+            student_side, teacher_side = z_student, z_projected
+            agrees = z_projected.argmax() == label
+        if masked_everywhere and not agrees:
+            return torch.zeros((), dtype=F64)
+        return div(cfg.divergence, student_side[None], teacher_side[None].detach()).sum()
 
     def div(name: str, student_side: Tensor, teacher_side: Tensor) -> Tensor:
         return reference_divergence(
@@ -230,8 +259,16 @@ def reference_dskd_loss(
         z_t2s = _linear64(proj.t2s, h_t) @ W_s_sg.T  # teacher projected into the student space
         t2s_ce = _ce(z_t2s[m_s], y_s[m_s]).sum() / N
         correct = m_s & (z_t2s.argmax(-1) == y_s)
-        kd_rows = correct if masked_everywhere else m_s
-        kd_stu = div(cfg.divergence, z_s[kd_rows], z_t2s[kd_rows].detach()).sum() / N
+        kd_stu = (
+            sum(
+                (
+                    student_space_kd(z_s[b, i], z_t[b, i], z_t2s[b, i], y_s[b, i])
+                    for b, i in m_s.nonzero().tolist()
+                ),
+                torch.zeros((), dtype=F64),
+            )
+            / N
+        )
         z_s2t = _linear64(proj.s2t, h_s) @ W_t.T  # student projected into the teacher space
         kd_tea = div(cfg.teacher_space_divergence, z_s2t[m_s], z_t[m_s]).sum() / N
     else:
@@ -258,10 +295,9 @@ def reference_dskd_loss(
                 h_j = H_t[b, j]
                 z_t2s_bi = _linear64(proj.t2s, h_j) @ W_s_sg.T
                 t2s_ce = t2s_ce + _ce(z_t2s_bi[None], y_s[b, i][None]).sum() / N
-                if not masked_everywhere or z_t2s_bi.argmax() == y_s[b, i]:
-                    kd_stu = kd_stu + div(cfg.divergence, z_s[b, i][None], z_t2s_bi[None].detach()).sum() / N
-                z_s2t_bi = _linear64(proj.s2t, h_s[b, i]) @ W_t.T
                 z_t_j = h_j @ W_t.T
+                kd_stu = kd_stu + student_space_kd(z_s[b, i], z_t_j, z_t2s_bi, y_s[b, i]) / N
+                z_s2t_bi = _linear64(proj.s2t, h_s[b, i]) @ W_t.T
                 kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t_bi[None], z_t_j[None]).sum() / N
                 correct[b, i] = bool(z_t2s_bi.argmax() == y_s[b, i])
     if cfg.cross_tokenizer and mode != "exact":

@@ -32,6 +32,8 @@ TOKEN_ALIGNMENTS = ("cma", "exact", "exact+cma")
 TokenAlignment = Literal["cma", "exact", "exact+cma"]
 ACCURACY_MASKS = ("attention", "everywhere")
 AccuracyMask = Literal["attention", "everywhere"]
+STUDENT_SPACE_TARGETS = ("projected", "shared_vocabulary")
+StudentSpaceTarget = Literal["projected", "shared_vocabulary"]
 
 
 def _setting(default: Any, doc: str, **bounds: Any) -> Any:
@@ -87,6 +89,13 @@ class DSKDLossConfig:
         "attention (the paper: tokens paired by cross-model attention) or everywhere (DSKDv2: "
         "exact and same-vocabulary pairs too).",
     )
+    student_space_target: StudentSpaceTarget = _setting(
+        "projected",
+        "What kd_student distils where a teacher state is paired position by position (one "
+        "vocabulary; exact cross-tokenizer pairs): projected (the paper: that state through t2s "
+        "and the student's head) or shared_vocabulary (the teacher's own distribution over the "
+        "tokens both vocabularies spell alike, against the student's over the same tokens).",
+    )
     chunk_size: int | None = _setting(
         None, "Trained tokens per vocabulary chunk; default max(16, 2**24 // vocabulary).", ge=1
     )
@@ -98,6 +107,7 @@ class DSKDLossConfig:
             ("teacher_space_divergence", DIVERGENCES),
             ("token_alignment", TOKEN_ALIGNMENTS),
             ("kd_student_accuracy_mask", ACCURACY_MASKS),
+            ("student_space_target", STUDENT_SPACE_TARGETS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
@@ -168,7 +178,11 @@ def _student_space_chunk(
     targets: Tensor,
     t2s_valid: Tensor,
     by_attention: Tensor,
+    teacher_rows: Tensor,
+    own_rows: Tensor,
     lm_head: Tensor,
+    teacher_head: Tensor,
+    student_ids: Tensor,
     *,
     config: DSKDLossConfig,
 ) -> tuple[Tensor, Tensor]:
@@ -177,7 +191,10 @@ def _student_space_chunk(
     ``by_attention`` marks the tokens whose projected teacher comes from cross-model attention:
     there kd_student counts only where that projected teacher predicts the label (the paper's
     accuracy mask); a teacher state paired position by position is distilled everywhere, unless
-    ``config.kd_student_accuracy_mask`` is ``everywhere``.
+    ``config.kd_student_accuracy_mask`` is ``everywhere``. With ``student_space_target:
+    shared_vocabulary`` the ``own_rows`` distil the teacher's own distribution instead: its
+    paired state ``teacher_rows`` through ``teacher_head`` (the shared tokens' rows), against the
+    student's logits of the same tokens (``student_ids``); the mask then asks the teacher's top-1.
     Stats: ``[ce, t2s_ce, kd_student, t2s_correct]`` sums.
     """
     divergence = get_divergence(config.divergence, config.skew_lambda, config.akl_alpha)
@@ -186,11 +203,18 @@ def _student_space_chunk(
     ce = F.cross_entropy(z_s, targets, reduction="none")
     t2s_ce = torch.where(t2s_valid, F.cross_entropy(z_t2s, targets, reduction="none"), 0.0)
     correct = t2s_valid & (z_t2s.detach().argmax(-1) == targets)
-    everywhere = config.kd_student_accuracy_mask == "everywhere"
-    kd_mask = correct if everywhere else torch.where(by_attention, correct, t2s_valid)
     log_q = F.log_softmax(z_s / config.temperature, dim=-1)
     log_p = F.log_softmax(z_t2s.detach() / config.temperature, dim=-1)
-    kd = torch.where(kd_mask, divergence(log_q, log_p), 0.0)
+    kd, agrees = divergence(log_q, log_p), correct
+    if config.student_space_target == "shared_vocabulary":
+        z_own = _logits(teacher_rows, teacher_head)
+        log_q_own = F.log_softmax(z_s[:, student_ids] / config.temperature, dim=-1)
+        own_kd = divergence(log_q_own, F.log_softmax(z_own / config.temperature, dim=-1))
+        kd = torch.where(own_rows, own_kd, kd)
+        agrees = torch.where(own_rows, student_ids[z_own.argmax(-1)] == targets, correct)
+    everywhere = config.kd_student_accuracy_mask == "everywhere"
+    kd_mask = agrees if everywhere else torch.where(by_attention, agrees, t2s_valid)
+    kd = torch.where(kd_mask, kd, 0.0)
     ce, t2s_ce, kd = ce.sum(), t2s_ce.sum(), kd.sum()
     loss = (1.0 - config.kd_rate) * ce + config.kd_rate * (t2s_ce + kd)
     stats = torch.stack([ce, t2s_ce, kd, correct.sum().float()]).detach()
@@ -299,6 +323,10 @@ class _Pairs:
     t2s: Tensor
     t2s_valid: Tensor
     by_attention: Tensor
+    paired_teacher: Tensor
+    """Per trained student token, the teacher state paired with it position by position (rows
+    of ``paired`` only; ``[n, 0]`` when no token is paired so)."""
+    paired: Tensor
     s2t: Tensor
     teacher: Tensor
     teacher_valid: Tensor
@@ -326,6 +354,8 @@ def _same_vocabulary_pairs(proj: Projectors, h_s: Tensor, h_t: Tensor, m_s: Tens
         t2s=_project(proj.t2s, teacher),
         t2s_valid=ones,
         by_attention=~ones,
+        paired_teacher=teacher,
+        paired=ones,
         s2t=_project(proj.s2t, h_s[m_s]),
         teacher=teacher,
         teacher_valid=ones,
@@ -359,10 +389,11 @@ def _cross_tokenizer_pairs(
 
     exact = aligned if config.uses_exact_pairs else torch.zeros_like(aligned)
     exact_rows = exact[m_s]
-    t2s, t2s_valid = None, exact_rows
+    t2s, t2s_valid, paired_rows = None, exact_rows, h_s.new_zeros(exact_rows.shape[0], 0)
     s2t, teacher, teacher_valid = [], [], []  # exact pairs first, then attention's columns
     if config.uses_exact_pairs:
-        t2s = _project(proj.t2s, paired_teacher[m_s])
+        paired_rows = paired_teacher[m_s]
+        t2s = _project(proj.t2s, paired_rows)
         s2t.append(_project(proj.s2t, h_s[exact]))
         teacher.append(paired_teacher[exact])
         teacher_valid.append(torch.ones_like(exact[exact]))
@@ -381,6 +412,8 @@ def _cross_tokenizer_pairs(
         t2s=t2s,
         t2s_valid=t2s_valid,
         by_attention=~exact_rows,
+        paired_teacher=paired_rows,
+        paired=exact_rows,
         s2t=torch.cat(s2t),
         teacher=torch.cat(teacher),
         teacher_valid=torch.cat(teacher_valid),
@@ -417,6 +450,7 @@ def dskd_loss(
     num_items: int | Tensor | None = None,
     student_segment_ids: Tensor | None = None,
     teacher_segment_ids: Tensor | None = None,
+    shared_vocabulary: tuple[Tensor, Tensor] | None = None,
 ) -> DSKDLossOutput:
     """The DSKD loss of one micro-batch: ``(1-r) CE + r (kd_student + t2s_ce + kd_teacher)``.
 
@@ -450,6 +484,10 @@ def dskd_loss(
         student_segment_ids: ``[B, L_s]`` the packed sample of each position (optional), so
             that cross-model attention never pairs tokens of different packed samples.
         teacher_segment_ids: ``[B, L_t]`` the same for the teacher's tokens.
+        shared_vocabulary: ``(student_ids, teacher_ids)``, the tokens both vocabularies spell
+            alike (:func:`axolotl_dskd.core.vocabulary.shared_vocabulary`): needed across
+            tokenizers by ``config.student_space_target`` ``shared_vocabulary``. One vocabulary
+            shares every id.
 
     Returns:
         ``DSKDLossOutput``: the 0-d ``loss`` and detached ``metrics`` (``ce``, ``kd_student``,
@@ -481,10 +519,11 @@ def dskd_loss(
     else:
         pairs = _same_vocabulary_pairs(proj, h_s, teacher_hidden[:, :-1], m_s)
 
+    own = _own_target(config, pairs, student_lm_head, teacher_lm_head, shared_vocabulary)
     student_side, stats_s = chunked_token_sum(
         _maybe_compile(partial(_student_space_chunk, config=config), config),
-        (h_s[m_s], pairs.t2s, y_s[m_s], pairs.t2s_valid, pairs.by_attention),
-        (student_lm_head,),
+        (h_s[m_s], pairs.t2s, y_s[m_s], pairs.t2s_valid, pairs.by_attention, *own[:2]),
+        (student_lm_head, *own[2:]),
         config.tokens_per_chunk(student_lm_head.shape[0]),
     )
     teacher_side, stats_t = chunked_token_sum(
@@ -503,6 +542,33 @@ def dskd_loss(
         "aligned_frac": pairs.aligned_frac.detach().float(),
     }
     return DSKDLossOutput(loss=(student_side + teacher_side) / denom, metrics=metrics)
+
+
+def _own_target(
+    config: DSKDLossConfig,
+    pairs: _Pairs,
+    student_lm_head: Tensor,
+    teacher_lm_head: Tensor,
+    shared_vocabulary: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The inputs :func:`_student_space_chunk` reads for ``student_space_target:
+    shared_vocabulary``: the paired teacher states, which tokens have one, the teacher's LM-head
+    rows of the shared tokens and their student ids. Empty (and no token marked) for
+    ``projected``."""
+    device = student_lm_head.device
+    if config.student_space_target == "projected":
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return pairs.paired_teacher[:, :0], torch.zeros_like(pairs.paired), teacher_lm_head[:0], none
+    if not config.cross_tokenizer:  # one vocabulary: every id is shared (padded heads: the common rows)
+        rows = min(student_lm_head.shape[0], teacher_lm_head.shape[0])
+        return pairs.paired_teacher, pairs.paired, teacher_lm_head[:rows], torch.arange(rows, device=device)
+    if shared_vocabulary is None:
+        raise ValueError(
+            "student_space_target='shared_vocabulary' across tokenizers needs shared_vocabulary "
+            "(the student's and the teacher's ids of the tokens both spell alike)"
+        )
+    student_ids, teacher_ids = (ids.to(device) for ids in shared_vocabulary)
+    return pairs.paired_teacher, pairs.paired, teacher_lm_head[teacher_ids], student_ids
 
 
 def _vanilla_kd_chunk(

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from axolotl_dskd.core.divergences import Divergence
-from axolotl_dskd.core.loss import AccuracyMask, DSKDLossConfig, TokenAlignment
+from axolotl_dskd.core.loss import AccuracyMask, DSKDLossConfig, StudentSpaceTarget, TokenAlignment
 from axolotl_dskd.integration.validation import check_teacher_setup
 
 PREFIX = "dskd_"
@@ -81,6 +81,7 @@ class DSKDArgs(BaseModel):
     dskd_akl_alpha: float = loss_key("akl_alpha")
     dskd_token_alignment: TokenAlignment = loss_key("token_alignment")
     dskd_kd_student_accuracy_mask: AccuracyMask = loss_key("kd_student_accuracy_mask")
+    dskd_student_space_target: StudentSpaceTarget = loss_key("student_space_target")
     dskd_chunk_size: int | None = loss_key("chunk_size")
     dskd_compile: bool = loss_key("compile")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from axolotl.integrations.base import BasePlugin
+from torch import Tensor
 from transformers import TrainingArguments, set_seed
 
 from axolotl_dskd.core.loss import Projectors
@@ -133,6 +134,9 @@ class DSKDPlugin(BasePlugin):
         t_tokenizer = teacher_tokenizer(cfg)
         if report_chat_rendering(cfg, trainer, t_tokenizer):
             warn_special_token_differences(trainer.processing_class, t_tokenizer)
+        vocabulary = None
+        if cfg.dskd_method == "dskd" and (cross_tokenizer or cfg.dskd_projector_init == "pinv"):
+            vocabulary = shared_vocabulary(trainer.processing_class, t_tokenizer)
         teacher = self._load_teacher(cfg, trainer.args.device, cross_tokenizer)
         projectors = None
         if cfg.dskd_method == "dskd":
@@ -145,10 +149,15 @@ class DSKDPlugin(BasePlugin):
                 load_projectors(projectors, cfg.dskd_projectors, key="dskd_projectors")
                 LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
             elif cfg.dskd_projector_init == "pinv":
-                initialize_by_logit_equivalence(
-                    projectors, trainer.model, teacher, trainer.processing_class, t_tokenizer
-                )
-        trainer.attach_teacher(teacher, projectors)
+                initialize_by_logit_equivalence(projectors, trainer.model, teacher, vocabulary)
+        if cross_tokenizer and cfg.dskd_student_space_target == "shared_vocabulary":
+            LOG.info(
+                "DSKD: kd_student distils the teacher's own distribution over the %d tokens both "
+                "vocabularies spell alike at exact pairs", len(vocabulary[0]),
+            )  # fmt: skip
+        else:
+            vocabulary = None
+        trainer.attach_teacher(teacher, projectors, shared_vocabulary=vocabulary)
         self._trainer = trainer
 
     @staticmethod
@@ -234,14 +243,14 @@ def report_chat_rendering(cfg: Any, trainer: Any, teacher_tokenizer: Any) -> boo
 
 
 def initialize_by_logit_equivalence(
-    projectors: Projectors, student: Any, teacher: Any, student_tokenizer: Any, teacher_tokenizer: Any
+    projectors: Projectors, student: Any, teacher: Any, vocabulary: tuple[Tensor, Tensor]
 ) -> None:
     """``dskd_projector_init: pinv``: t2s and s2t as the least-squares maps between the two LM
-    heads over the tokens both vocabularies spell alike (the LM heads stay unquantized in a 4-bit
-    teacher). Cross-model attention feeds t2s a rescaled teacher state plus a target embedding;
-    it starts from the same map there, and training adapts it."""
+    heads over the tokens both vocabularies spell alike (``vocabulary``, student and teacher ids;
+    the LM heads stay unquantized in a 4-bit teacher). Cross-model attention feeds t2s a rescaled
+    teacher state plus a target embedding; it starts from the same map there, and training adapts it."""
     started = time.time()
-    student_ids, teacher_ids = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    student_ids, teacher_ids = vocabulary
     if len(student_ids) == 0:
         LOG.warning("DSKD: the two vocabularies spell no token alike; projectors keep a random start")
         return

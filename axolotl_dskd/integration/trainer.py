@@ -104,6 +104,7 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         self.loss_config = loss_config(self.args)
         self.teacher: nn.Module | None = None
         self.projectors: Projectors | None = None
+        self.shared_vocabulary: tuple[Tensor, Tensor] | None = None
         self.nonfinite_skipped = 0
         self._last_projector_save: tuple[str, int] | None = None
         # the loss is a sum over tokens divided by the trainer's global token count
@@ -117,12 +118,21 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         missing = [name for name in TEACHER_COLUMNS if name not in self._signature_columns]
         self._signature_columns = [*self._signature_columns, *missing]
 
-    def attach_teacher(self, teacher: nn.Module, projectors: Projectors | None) -> None:
+    def attach_teacher(
+        self,
+        teacher: nn.Module,
+        projectors: Projectors | None,
+        shared_vocabulary: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         """Distill from ``teacher`` from now on; called once, before training starts.
 
         The baselines ``dskd_method: vanilla_kd`` and ``uld`` take no projectors.
+        ``shared_vocabulary``: the student's and the teacher's ids of the tokens both spell alike,
+        for ``dskd_student_space_target: shared_vocabulary`` across tokenizers.
         """
         self.teacher = teacher
+        if shared_vocabulary is not None:
+            self.shared_vocabulary = tuple(ids.to(self.args.device) for ids in shared_vocabulary)
         self.projectors = None if projectors is None else projectors.to(self.args.device)
         if self.projectors is not None:
             if self._data_parallel():  # one set of projectors: rank 0's, as DDP does for the model
@@ -253,6 +263,7 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
                 teacher_input_ids=teacher_inputs["teacher_input_ids"],
                 student_embeddings=input_embedding_weight(model),
                 teacher_embeddings=input_embedding_weight(self.teacher),
+                shared_vocabulary=self.shared_vocabulary,
                 **alignment,
             )
         return dskd_loss(self.projectors, **common, teacher_labels=labels)

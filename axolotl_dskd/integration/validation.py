@@ -24,7 +24,7 @@ from axolotl_dskd.core.teacher import (
     inspect_teacher,
     require_bitsandbytes,
 )
-from axolotl_dskd.core.vocabulary import token_bytes
+from axolotl_dskd.core.vocabulary import shared_vocabulary, token_bytes
 from axolotl_dskd.integration.cache_identity import cache_identity, check_cache
 from axolotl_dskd.integration.chat_data import KEY, resolve_template
 from axolotl_dskd.integration.configured import student_tokenizer
@@ -72,6 +72,8 @@ def check_teacher_setup(cfg: Any) -> None:
             f"{unreadable} has no fast (Rust) backend to read them from. Use a fast tokenizer, or set "
             "dskd_token_alignment: cma."
         )
+    if cfg.dskd_cross_tokenizer and cfg.dskd_student_space_target == "shared_vocabulary":
+        check_shared_tokens(student, info.tokenizer, unreadable)
     check_teacher_chat_template(cfg, info.tokenizer, unreadable)
     sequence_len = getattr(cfg, "sequence_len", None)
     if info.max_length is not None and sequence_len and info.max_length < sequence_len:
@@ -111,6 +113,23 @@ def without_token_bytes(student_tokenizer: Any, teacher_tokenizer: Any) -> str |
         if token_bytes(tokenizer) is None:
             return f"{role}'s tokenizer ({type(tokenizer).__name__})"
     return None
+
+
+def check_shared_tokens(student_tokenizer: Any, teacher_tokenizer: Any, unreadable: str | None) -> None:
+    """``dskd_student_space_target: shared_vocabulary`` distils over the tokens both vocabularies
+    spell alike: their bytes must be readable, and there must be some."""
+    if unreadable:
+        raise ValueError(
+            f"dskd_student_space_target: shared_vocabulary pairs the tokens both vocabularies spell "
+            f"alike by their bytes, but the {unreadable} has no fast (Rust) backend to read them "
+            "from. Use a fast tokenizer, or set dskd_student_space_target: projected."
+        )
+    if len(shared_vocabulary(student_tokenizer, teacher_tokenizer)[0]) == 0:
+        raise ValueError(
+            "dskd_student_space_target: shared_vocabulary, but the student's and the teacher's "
+            "vocabularies spell no token alike, so there is nothing to distil over. Set "
+            "dskd_student_space_target: projected."
+        )
 
 
 def check_teacher_chat_template(cfg: Any, teacher_tokenizer: Any, unreadable: str | None) -> None:

@@ -111,13 +111,19 @@ def test_cross_tokenizer_run_with_bare_plugin_name(assets, tmp_path, alignment):
     """`plugins: [axolotl_dskd]` through `accelerate launch`, a sentencepiece-style student and
     a byte-level BPE teacher in 4 bits, each way of pairing the two tokenizations: the run says
     which, logs every term and the share of trained tokens with an exact partner, and saves the
-    projectors (the query of cross-model attention among them)."""
+    projectors (the query of cross-model attention among them). With ``exact+cma`` the exact
+    pairs distil the teacher's own distribution over the shared tokens."""
+    target = "shared_vocabulary" if alignment == "exact+cma" else "projected"
     cfg = dskd_config(
-        assets, tmp_path, student="student_sp", plugins=["axolotl_dskd"], dskd_token_alignment=alignment
-    )
+        assets, tmp_path, student="student_sp", plugins=["axolotl_dskd"], dskd_token_alignment=alignment,
+        dskd_student_space_target=target,
+    )  # fmt: skip
     proc = run_train(cfg, tmp_path, launcher="accelerate")
     assert_ok(proc)
     assert PAIRING_LOG[alignment] in proc.stdout + proc.stderr
+    assert ("tokens both vocabularies spell alike at exact pairs" in proc.stdout + proc.stderr) == (
+        target == "shared_vocabulary"
+    )
     out = tmp_path / "output"
     logs = training_logs(out / "checkpoint-4")
     assert all(metric in row for row in logs for metric in (*DSKD_METRICS, "dskd/aligned_frac"))

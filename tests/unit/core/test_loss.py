@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss
+from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss, vanilla_kd_loss
 from dskd_devkit.reference import DIVERGENCE_NAMES as DIVERGENCES
 from dskd_devkit.reference import reference_dskd_loss
 from dskd_devkit.unchunked import unchunked_dskd_loss
@@ -852,6 +852,68 @@ def test_exact_alignment_matches_reference(mode, chunk_size, divergence, mask):
     expected = (trained & (alignment[:, :-1] >= 0)).sum() / trained.sum()
     assert_rel(out.metrics["aligned_frac"], expected, "aligned_frac")
     assert 0 < float(out.metrics["aligned_frac"]) < 1
+
+
+def some_shared_tokens(case: Case, seed: int) -> tuple[Tensor, Tensor]:
+    """Two thirds of the student's ids paired one to one with distinct teacher ids, as two
+    vocabularies that spell some tokens alike are."""
+    g = torch.Generator().manual_seed(seed)
+    v_s, v_t = case.inputs["student_lm_head"].shape[0], case.inputs["teacher_lm_head"].shape[0]
+    n = min(v_s, v_t) * 2 // 3
+    student_ids = torch.randperm(v_s, generator=g)[:n].sort().values
+    return student_ids, torch.randperm(v_t, generator=g)[:n]
+
+
+@pytest.mark.parametrize("mask", ["attention", "everywhere"])
+@pytest.mark.parametrize("mode", ["same", "exact", "exact+cma"])
+@pytest.mark.parametrize("chunk_size", (1, None), ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "adaptive_kl"])
+def test_shared_vocabulary_target_matches_reference(divergence, chunk_size, mode, mask):
+    """``student_space_target: shared_vocabulary``: where a teacher state is paired position by
+    position, kd_student compares both models' distributions over the shared tokens; attention's
+    rows keep the projected teacher. Value, metrics and gradients as the reference writes them."""
+    settings_ = {"student_space_target": "shared_vocabulary", "divergence": divergence,
+                 "chunk_size": chunk_size, "kd_student_accuracy_mask": mask}  # fmt: skip
+    if mode == "same":
+        case = same_vocab_case(seed=44)
+        check_against_reference(case, case.config(**settings_))
+        return
+    case = cma_case(seed=45)
+    alignment = case.token_alignment.clone()
+    alignment[:, ::3] = -1
+    shared = some_shared_tokens(case, seed=45)
+    out, _, _ = check_against_reference(
+        case,
+        case.config(token_alignment=mode, **settings_),
+        token_alignment=alignment,
+        shared_vocabulary=shared,
+    )
+    projected = dskd_loss(
+        case.proj,
+        **case.inputs,
+        token_alignment=alignment,
+        config=case.config(token_alignment=mode, **settings_ | {"student_space_target": "projected"}),
+    )
+    assert float(out.metrics["kd_student"]) != pytest.approx(float(projected.metrics["kd_student"]), rel=1e-3)
+
+
+def test_shared_vocabulary_target_of_one_vocabulary_is_vanilla_kd():
+    """With one vocabulary the student-space term is vanilla KD's, toward the teacher's own
+    distribution; CE is unchanged."""
+    case = same_vocab_case(seed=46)
+    config = case.config(student_space_target="shared_vocabulary")
+    dskd = dskd_loss(case.proj, **case.inputs, config=config)
+    plain = {k: v for k, v in case.inputs.items() if k != "teacher_labels"}
+    vanilla = vanilla_kd_loss(**plain, config=config)
+    for name in ("ce", "kd_student"):
+        assert_rel(dskd.metrics[name], vanilla.metrics[name], name)
+
+
+def test_shared_vocabulary_target_across_tokenizers_needs_the_shared_ids():
+    case = cma_case(seed=47)
+    config = case.config(token_alignment="exact", student_space_target="shared_vocabulary")
+    with pytest.raises(ValueError, match="shared_vocabulary"):
+        dskd_loss(case.proj, **case.inputs, token_alignment=case.token_alignment, config=config)
 
 
 def test_exact_alignment_with_packed_rows_matches_reference():

@@ -81,6 +81,7 @@ def test_equal_sized_vocabularies_with_different_tokens_are_different(assets, tm
         ({"dskd_temperature": 0}, "dskd_temperature"),
         ({"dskd_skew_lambda": 1.0}, "dskd_skew_lambda"),
         ({"dskd_chunk_size": 0}, "dskd_chunk_size"),
+        ({"dskd_student_space_target": "teacher"}, "dskd_student_space_target"),
         ({"dskd_teacher_tokenizer": "/nonexistent/tok"}, "dskd_teacher_tokenizer"),
         ({"sequence_len": 1024}, "sequence_len"),  # the tiny teacher's context is 512
         ({"dskd_method": "vanilla_kd", "student": "student_sp"}, "dskd_method"),

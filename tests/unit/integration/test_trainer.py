@@ -32,6 +32,7 @@ NOT_DEFAULT = {
     "compile": True,
     "token_alignment": "cma",
     "kd_student_accuracy_mask": "everywhere",
+    "student_space_target": "shared_vocabulary",
 }
 """A value other than the default for every loss setting with a YAML key."""
 
@@ -240,6 +241,55 @@ def test_uld_runs_the_uld_loss_on_the_teachers_own_labels(assets, tmp_path):
     )
     torch.testing.assert_close(out.loss, expected.loss)
     assert float(out.metrics["aligned_frac"]) == 1.0  # 8 student answer tokens, 9 teacher ones
+
+
+def test_shared_vocabulary_target_distils_over_the_tokens_both_vocabularies_spell_alike(assets, tmp_path):
+    """``dskd_student_space_target: shared_vocabulary`` across tokenizers: the trainer hands the
+    loss the shared tokens the plugin found, and the step's loss is DSKD's with them."""
+    from transformers import AutoTokenizer
+
+    from axolotl_dskd.core.loss import dskd_loss
+    from axolotl_dskd.core.models import final_hidden_states, input_embedding_weight, lm_head_weight
+    from axolotl_dskd.core.vocabulary import shared_vocabulary
+
+    trainer = _trainer_from_yaml(
+        assets, tmp_path, student="student_sp", dskd_student_space_target="shared_vocabulary"
+    )
+    shared = shared_vocabulary(*(AutoTokenizer.from_pretrained(assets[k]) for k in ("student_sp", "teacher")))
+    assert len(shared[0]) > 0
+    trainer.attach_teacher(trainer.teacher, trainer.projectors, shared_vocabulary=shared)
+    torch.manual_seed(0)
+    ids = torch.randint(100, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    teacher = {
+        "teacher_input_ids": torch.randint(100, (2, 15)),
+        "teacher_labels": torch.randint(100, (2, 15)),
+    }
+    teacher["teacher_labels"][:, :6] = -100
+    alignment = {"token_alignment": torch.tensor([list(range(12)), [-1, *range(11)]])}
+    teacher_hidden = torch.randn(2, 15, 128)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = trainer._distill(trainer.model, inputs, labels, teacher_hidden, teacher, alignment, None)
+    common = {
+        "student_hidden": final_hidden_states(trainer.model, **inputs),
+        "student_lm_head": lm_head_weight(trainer.model),
+        "student_labels": labels,
+        "teacher_hidden": teacher_hidden,
+        "teacher_lm_head": lm_head_weight(trainer.teacher),
+        "teacher_labels": teacher["teacher_labels"],
+        "student_input_ids": ids,
+        "teacher_input_ids": teacher["teacher_input_ids"],
+        "student_embeddings": input_embedding_weight(trainer.model),
+        "teacher_embeddings": input_embedding_weight(trainer.teacher),
+        "config": trainer.loss_config,
+        **alignment,
+    }
+    expected = dskd_loss(trainer.projectors, **common, shared_vocabulary=shared)
+    torch.testing.assert_close(out.loss, expected.loss)
+    projected = dataclasses.replace(trainer.loss_config, student_space_target="projected")
+    other = dskd_loss(trainer.projectors, **{**common, "config": projected})
+    assert float(out.metrics["kd_student"]) != pytest.approx(float(other.metrics["kd_student"]), rel=1e-3)
 
 
 def test_separate_grad_clip_clips_student_and_projectors_each_on_their_own(assets, tmp_path):
