@@ -134,12 +134,13 @@ class DSKDPlugin(BasePlugin):
         t_tokenizer = teacher_tokenizer(cfg)
         if report_chat_rendering(cfg, trainer, t_tokenizer):
             warn_special_token_differences(trainer.processing_class, t_tokenizer)
-        vocabulary = None
-        if cfg.dskd_method == "dskd" and (cross_tokenizer or cfg.dskd_projector_init == "pinv"):
-            vocabulary = shared_vocabulary(trainer.processing_class, t_tokenizer)
+        dskd = cfg.dskd_method == "dskd"
+        pinv = dskd and not cfg.dskd_projectors and cfg.dskd_projector_init == "pinv"
+        own_target = dskd and cross_tokenizer and cfg.dskd_student_space_target == "shared_vocabulary"
+        vocabulary = shared_vocabulary(trainer.processing_class, t_tokenizer) if pinv or own_target else None
         teacher = self._load_teacher(cfg, trainer.args.device, cross_tokenizer)
         projectors = None
-        if cfg.dskd_method == "dskd":
+        if dskd:
             projectors = Projectors(
                 causal_lm(trainer.model).config.get_text_config().hidden_size,
                 teacher.config.get_text_config().hidden_size,
@@ -148,16 +149,14 @@ class DSKDPlugin(BasePlugin):
             if cfg.dskd_projectors:
                 load_projectors(projectors, cfg.dskd_projectors, key="dskd_projectors")
                 LOG.info("DSKD projectors warm-started from %s", cfg.dskd_projectors)
-            elif cfg.dskd_projector_init == "pinv":
+            elif pinv:
                 initialize_by_logit_equivalence(projectors, trainer.model, teacher, vocabulary)
-        if cross_tokenizer and cfg.dskd_student_space_target == "shared_vocabulary":
+        if own_target:
             LOG.info(
                 "DSKD: kd_student distils the teacher's own distribution over the %d tokens both "
                 "vocabularies spell alike at exact pairs", len(vocabulary[0]),
             )  # fmt: skip
-        else:
-            vocabulary = None
-        trainer.attach_teacher(teacher, projectors, shared_vocabulary=vocabulary)
+        trainer.attach_teacher(teacher, projectors, shared_vocabulary=vocabulary if own_target else None)
         self._trainer = trainer
 
     @staticmethod

@@ -131,8 +131,11 @@ class DSKDTrainer(AxolotlTrainer, _StudentPerplexityLog):
         for ``dskd_student_space_target: shared_vocabulary`` across tokenizers.
         """
         self.teacher = teacher
-        if shared_vocabulary is not None:
-            self.shared_vocabulary = tuple(ids.to(self.args.device) for ids in shared_vocabulary)
+        self.shared_vocabulary = (
+            None
+            if shared_vocabulary is None
+            else tuple(ids.to(self.args.device) for ids in shared_vocabulary)
+        )
         self.projectors = None if projectors is None else projectors.to(self.args.device)
         if self.projectors is not None:
             if self._data_parallel():  # one set of projectors: rank 0's, as DDP does for the model
