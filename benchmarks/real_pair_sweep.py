@@ -19,13 +19,16 @@ their own group (``projector_lr``, default 1e-3), one gradient norm clipped over
 projectors (``clip: separate``: each on its own, as ``dskd_grad_clip: separate``; ``joint``: one
 norm over both). Each run appends one JSON line (held-out answer NLL per token and per byte, the
 loss terms over the first 10 and last 20 steps, the spec) to ``benchmarks/results/real_pair.jsonl``
-(``real_pair_qwen.jsonl`` with Qwen); the table ``real_pair.md`` beside it is rewritten from all the
+(``real_pair_qwen.jsonl`` with Qwen), and with ``--rouge-seeds`` the ROUGE-L of answers sampled
+for the held-out questions (the paper's protocol, :mod:`axolotl_dskd.evaluate`; about 2 minutes
+per generation seed); the table ``real_pair.md`` beside it is rewritten from all the
 lines there (``--table-only``: only that), and the summary ``real_models.md`` from both. One run
 takes 4 to 7 minutes on one CPU core with SmolLM2, 19 to 24 with Qwen (its 151,936-row head; two
 runs side by side on two cores); Qwen's hidden states take 31 minutes on two cores (34 on one),
 once, and 444 MiB. ``--speed`` times arms one after another in one process instead.
 
-    .venv/bin/python benchmarks/real_pair_sweep.py --arms sft vanilla_kd dskd_default --seeds 0 1 2
+    .venv/bin/python benchmarks/real_pair_sweep.py --arms sft vanilla_kd dskd_default --seeds 0 1 2 \
+        --rouge-seeds 10 20
     .venv/bin/python benchmarks/real_pair_sweep.py --teacher qwen --arms uld dskd_default --seeds 0
     .venv/bin/python benchmarks/real_pair_sweep.py --teacher qwen --speed --steps 4 \
         --arms sft dskd_default dskd_default_live_teacher
@@ -45,6 +48,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from axolotl_dskd.core.loss import (
     IGNORE_INDEX,
@@ -99,6 +103,11 @@ ARMS: dict[str, dict[str, Any]] = {
         "method": "dskd",
         "loss": {"kd_rate": 0.3333, "student_space_target": "shared_vocabulary"},
     },
+    "dskd_r033_kdt0": {"method": "dskd", "loss": {"kd_rate": 0.3333, "kd_teacher_weight": 0.0}},
+    "dskd_r033_shared_kdt0": {
+        "method": "dskd",
+        "loss": {"kd_rate": 0.3333, "student_space_target": "shared_vocabulary", "kd_teacher_weight": 0.0},
+    },
     "dskd_r033_mask_everywhere": {
         "method": "dskd",
         "loss": {"kd_rate": 0.3333, "kd_student_accuracy_mask": "everywhere"},
@@ -111,13 +120,17 @@ itself instead of by text), ``live_teacher`` (the teacher's forward each step, n
 states)."""
 
 
+def chat_prompt(tokenizer: Any, pair: dict[str, str]) -> str:
+    """The question in the model's chat template, up to where the answer starts."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": pair["question"]}], add_generation_prompt=True, tokenize=False
+    )
+
+
 def encode(tokenizer: Any, pair: dict[str, str], max_len: int) -> tuple[list[int], list[int], int]:
     """``(input_ids, labels, answer_bytes)``: the chat-rendered question, the answer and
     ``<|im_end|>`` trained; ``answer_bytes`` counts the UTF-8 bytes of the trained tokens kept."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": pair["question"]}], add_generation_prompt=True, tokenize=False
-    )
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(chat_prompt(tokenizer, pair), add_special_tokens=False)["input_ids"]
     answer = tokenizer(pair["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt + answer)[:max_len]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
@@ -227,6 +240,23 @@ def heldout_nll(student: Any, examples: list, pad_id: int, batch_size: int = 16)
     return {"nll_token": nll / tokens, "nll_byte": nll / nbytes}
 
 
+def heldout_rouge(student: Any, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """ROUGE-L of answers sampled for the held-out questions against their docstrings, the paper's
+    protocol (:mod:`axolotl_dskd.evaluate`: sampling at temperature 1, one pass per generation
+    seed), the first ``--rouge-tokens`` tokens of each answer."""
+    from axolotl_dskd.evaluate import Example, SamplingConfig, evaluate
+
+    tokenizer = ctx["generation_tok"]
+    examples = [Example(chat_prompt(tokenizer, p), [p["answer"]]) for p in ctx["heldout_pairs"]]
+    student.eval()
+    scores = evaluate(
+        student, tokenizer, examples, seeds=args.rouge_seeds,
+        sampling=SamplingConfig(max_new_tokens=args.rouge_tokens), batch_size=16, progress=False,
+    )  # fmt: skip
+    student.train()
+    return {"mean": scores["mean"], "per_seed": scores["per_seed"], "max_new_tokens": args.rouge_tokens}
+
+
 def run(arm: str, seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     spec = {**ARMS.get(arm, {}), **ctx["overrides"].get(arm, {})}
     train, heldout, cross = ctx["train"], ctx["heldout"], ctx["readings"] is not None
@@ -309,6 +339,8 @@ def run(arm: str, seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> d
                   f" {time.time() - started:.0f}s", flush=True)  # fmt: skip
     train_s = time.time() - started
     result = {"arm": arm, "seed": seed, "steps": steps, **heldout_nll(student, heldout, ctx["pad"])}
+    if args.rouge_seeds:
+        result["rouge_l"] = heldout_rouge(student, ctx, args)
     keys = log[-1].keys()
     result["first10"] = {k: round(sum(e[k] for e in log[:10]) / len(log[:10]), 4) for k in keys}
     result["last20"] = {k: round(sum(e[k] for e in log[-20:]) / len(log[-20:]), 4) for k in keys}
@@ -326,13 +358,20 @@ def _runs(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return runs
 
 
+def rouge_cell(runs: list[dict[str, Any]]) -> str:
+    """Mean ROUGE-L over the runs scored by it, and how many: runs from before ``--rouge-seeds``
+    have none."""
+    scores = [r["rouge_l"]["mean"] for r in runs if "rouge_l" in r]
+    return f"{statistics.mean(scores):.2f} ({len(scores)})" if scores else ""
+
+
 def write_table(results: Path) -> Path:
     """``real_pair.md``: held-out answer NLL per arm (mean over seeds, and each seed), from every
     run in ``results`` (the last run of an arm and seed counts)."""
     runs = _runs(results)
     rows = [
-        "| Arm | Seeds | NLL/token | NLL/byte | Per seed (NLL/token) | Spec |",
-        "|---|---|---|---|---|---|",
+        "| Arm | Seeds | NLL/token | NLL/byte | Per seed (NLL/token) | ROUGE-L (runs) | Spec |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, by_seed in sorted(
         runs.items(), key=lambda kv: statistics.mean(r["nll_token"] for r in kv[1].values())
@@ -343,7 +382,8 @@ def write_table(results: Path) -> Path:
         per_seed = ", ".join(f"{s_}: {t:.3f}" for s_, t in zip(seeds, nll_t))
         spec = json.dumps(by_seed[seeds[0]]["spec"], sort_keys=True).replace("|", "\\|")
         rows.append(
-            f"| {arm} | {len(seeds)} | {statistics.mean(nll_t):.3f} | {statistics.mean(nll_b):.3f} | {per_seed} | `{spec}` |"
+            f"| {arm} | {len(seeds)} | {statistics.mean(nll_t):.3f} | {statistics.mean(nll_b):.3f} | {per_seed} "
+            f"| {rouge_cell(list(by_seed.values()))} | `{spec}` |"
         )
     out = results.with_suffix(".md")
     out.write_text("\n".join(rows) + "\n")
@@ -366,21 +406,37 @@ def qwen_heldout_nll(teacher: Any, t_tok: Any, pairs: list, max_len: int) -> dic
     return heldout_nll(teacher, examples, t_tok.pad_token_id, batch_size=4)
 
 
-HEADLINE = {
+_BASELINES = {
     "sft": "SFT (no teacher)",
-    "vanilla_kd": "vanilla KD (logits, one vocabulary), kd_rate 0.5",
-    "vanilla_kd_r033": "vanilla KD, kd_rate 1/3",
-    "uld": "ULD (sorted probabilities, any vocabularies), kd_rate 0.5",
-    "uld_r033": "ULD, kd_rate 1/3",
     "dskd_paper": "DSKD, the paper's settings",
-    "dskd_cma_paper": "DSKD, the paper's settings (CMA)",
-    "dskd_cma": "DSKD, the plugin's defaults but CMA",
-    "dskd_r050": "DSKD, the plugin's defaults but kd_rate 0.5",
-    "dskd_r033": "DSKD, the plugin's defaults (kd_rate 0.3333)",
-    "dskd_r033_shared": "DSKD, the plugin's defaults but dskd_student_space_target: shared_vocabulary",
-    "dskd_default": "DSKD, the plugin's defaults",
 }
-"""The arms of the summary table, in its order, with what they are."""
+HEADLINE = {
+    "smollm2": {
+        **_BASELINES,
+        "vanilla_kd": "vanilla KD (logits, one vocabulary), kd_rate 0.5",
+        "vanilla_kd_r033": "vanilla KD, kd_rate 1/3",
+        "dskd_r050": "DSKD, the plugin's defaults but kd_rate 0.5",
+        "dskd_r033": "DSKD, the plugin's defaults (projected target, teacher-space term)",
+        "dskd_r033_shared": "DSKD, the plugin's defaults but dskd_student_space_target: shared_vocabulary",
+        "dskd_r033_kdt0": "DSKD, the plugin's defaults but dskd_kd_teacher_weight: 0",
+    },
+    "qwen": {
+        **_BASELINES,
+        "uld": "ULD (sorted probabilities, any vocabularies), kd_rate 0.5",
+        "uld_r033": "ULD, kd_rate 1/3",
+        "dskd_cma_paper": "DSKD, the paper's settings (CMA)",
+        "dskd_cma": "DSKD, the plugin's defaults but CMA",
+        "dskd_r050": "DSKD, the plugin's defaults but kd_rate 0.5 and the projected target",
+        "dskd_r033": "DSKD, the plugin's defaults but the projected target, teacher-space term",
+        "dskd_r033_shared": "DSKD, the plugin's defaults but dskd_kd_teacher_weight: 1",
+        "dskd_r033_shared_kdt0": "DSKD, the plugin's defaults (shared-vocabulary target, no teacher space)",
+    },
+}
+"""Per teacher, the arms of the summary table, in its order, with what they are. The plugin's
+``auto`` keys are the paper's projected target and teacher-space term with one vocabulary and
+the shared-vocabulary target without the teacher's space across tokenizers, so its defaults are
+``dskd_r033`` with SmolLM2 and ``dskd_r033_shared_kdt0`` with Qwen (an arm's ``loss`` is over
+:class:`DSKDLossConfig`'s defaults, the paper's target and weight)."""
 PAIRS = {
     "smollm2": "SmolLM2-135M-Instruct (same vocabulary)",
     "qwen": "Qwen2.5-Coder-1.5B-Instruct (other tokenizer)",
@@ -394,14 +450,14 @@ def write_summary(out: Path = RESULTS_DIR / "real_models.md") -> Path:
     those of ``real_pair.jsonl``."""
     sft = _runs(RESULTS["smollm2"]).get("sft", {})
     rows = [
-        "| Teacher | Arm | Seeds | NLL/byte | Spread | Per seed | vs SFT, per seed |",
-        "|---|---|---|---|---|---|---|",
+        "| Teacher | Arm | Seeds | NLL/byte | Spread | Per seed | vs SFT, per seed | ROUGE-L (runs) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for teacher, label in PAIRS.items():
         runs = {**_runs(RESULTS[teacher]), "sft": sft}
         if "teacher" in runs:
-            rows.append(f"| {label} | the teacher itself | | {runs['teacher'][0]['nll_byte']:.4f} | | | |")
-        for arm, what in HEADLINE.items():
+            rows.append(f"| {label} | the teacher itself | | {runs['teacher'][0]['nll_byte']:.4f} | | | | |")
+        for arm, what in HEADLINE[teacher].items():
             if arm not in runs:
                 continue
             seeds = sorted(runs[arm])
@@ -414,7 +470,8 @@ def write_summary(out: Path = RESULTS_DIR / "real_models.md") -> Path:
             ]
             rows.append(
                 f"| {label} | {what} | {len(seeds)} | {statistics.mean(nll):.4f} | {max(nll) - min(nll):.4f} "
-                f"| {' / '.join(f'{x:.4f}' for x in nll)} | {' / '.join(delta).strip(' /')} |"
+                f"| {' / '.join(f'{x:.4f}' for x in nll)} | {' / '.join(delta).strip(' /')} "
+                f"| {rouge_cell(list(runs[arm].values()))} |"
             )
     out.write_text("\n".join(rows) + "\n")
     return out
@@ -452,6 +509,10 @@ def main() -> None:
         action="store_true",
         help="time --arms (SFT first) on the first seed; write only the speed table",
     )
+    parser.add_argument(
+        "--rouge-seeds", nargs="*", type=int, default=[], help="also score sampled answers by ROUGE-L"
+    )
+    parser.add_argument("--rouge-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
@@ -485,6 +546,7 @@ def main() -> None:
     ARMS.update({k: v for k, v in extra.items() if k not in ARMS})
     ctx = {"student_model": student_model, "student_tok": tok, "teacher": teacher, "teacher_tok": t_tok,
            "train": train, "states": states, "readings": readings, "heldout": heldout,
+           "heldout_pairs": heldout_pairs, "generation_tok": AutoTokenizer.from_pretrained(tok.name_or_path, padding_side="left"),
            "pad": tok.pad_token_id, "teacher_pad": t_tok.pad_token_id,
            "shared_vocabulary": shared_vocabulary(tok, t_tok),
            "overrides": {k: v for k, v in extra.items() if k in ARMS}}  # fmt: skip

@@ -261,11 +261,13 @@ def dskd_trainer(
     *,
     train_dataset: Any = None,
     data_collator: Any = None,
+    shared_vocabulary: Any = None,
     **training_args: Any,
 ) -> Any:
     """A ``DSKDTrainer`` built in this process, as Axolotl's builder builds it: Axolotl's training
     arguments with the plugin's ``dskd_*`` fields (``training_args`` override any of them, on top
-    of CPU-friendly defaults), then the teacher and projectors attached as the plugin does."""
+    of CPU-friendly defaults, which resolve the ``auto`` keys as one vocabulary), then the teacher,
+    projectors and ``shared_vocabulary`` ids attached as the plugin does."""
     bind_plugin_training_args()
     from axolotl.core.training_args import AxolotlTrainingArguments
 
@@ -274,9 +276,10 @@ def dskd_trainer(
     defaults = {
         "per_device_train_batch_size": 2, "max_steps": 1, "report_to": [], "save_strategy": "no",
         "logging_steps": 1, "remove_unused_columns": False, "dataloader_num_workers": 0, "use_cpu": True,
-        "seed": 0, "dskd_cross_tokenizer": False,
+        "seed": 0, "dskd_cross_tokenizer": False, "dskd_student_space_target": "projected",
+        "dskd_kd_teacher_weight": 1.0,
     }  # fmt: skip
     args = AxolotlTrainingArguments(**{**defaults, **training_args})
     trainer = DSKDTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator)
-    trainer.attach_teacher(teacher, projectors)
+    trainer.attach_teacher(teacher, projectors, shared_vocabulary=shared_vocabulary)
     return trainer

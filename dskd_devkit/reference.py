@@ -46,6 +46,7 @@ DIVERGENCE_NAMES = (
 )
 _DEFAULTS = {
     "kd_rate": 0.5,
+    "kd_teacher_weight": 1.0,
     "temperature": 2.0,
     "divergence": "forward_kl",
     "teacher_space_divergence": "forward_kl",
@@ -354,13 +355,13 @@ def reference_dskd_loss(
         cols = m_t & col_ok & ~partnered
         kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t[cols], z_t[cols]).sum() / N
 
-    r = float(cfg.kd_rate)
-    loss = (1.0 - r) * ce + r * (kd_stu + t2s_ce + kd_tea)
+    r, w = float(cfg.kd_rate), float(cfg.kd_teacher_weight)
+    loss = (1.0 - r) * ce + r * (kd_stu + t2s_ce + w * kd_tea)
     t2s_acc = correct.sum().to(F64) / n_trained.to(F64).clamp_min(1.0)
     metrics = {
         "ce": ce,
         "kd_student": kd_stu,
-        "kd_teacher": kd_tea,
+        "kd_teacher": kd_tea if w > 0 else torch.zeros((), dtype=F64),  # not computed at w = 0
         "t2s_ce": t2s_ce,
         "t2s_acc": t2s_acc,
         "aligned_frac": aligned_frac,

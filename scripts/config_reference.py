@@ -15,6 +15,8 @@ _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
 def _type(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _type(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
     args = typing.get_args(annotation)
@@ -23,9 +25,20 @@ def _type(annotation: Any) -> str:
     return "`null`" if annotation is type(None) else f"`{annotation.__name__}`"
 
 
+def _constraints(field: Any) -> list[Any]:
+    """The field's own constraints, and those of an ``Annotated`` member of its type (a number
+    that may also be ``auto``)."""
+    found = list(field.metadata)
+    for member in typing.get_args(field.annotation):
+        if typing.get_origin(member) is typing.Annotated:
+            for info in typing.get_args(member)[1:]:
+                found += getattr(info, "metadata", [])
+    return found
+
+
 def _bounds(field: Any) -> str:
     parts = []
-    for constraint in field.metadata:
+    for constraint in _constraints(field):
         for name, symbol in _BOUNDS.items():
             if getattr(constraint, name, None) is not None:
                 parts.append(f"{symbol} {getattr(constraint, name)}")

@@ -71,6 +71,14 @@ class DSKDLossConfig:
     temperature: float = _setting(
         2.0, "Softmax temperature of the distillation terms.", gt=0.0, allow_inf_nan=False
     )
+    kd_teacher_weight: float = _setting(
+        1.0,
+        "w in r (kd_student + t2s_ce + w kd_teacher): the weight of the teacher-space term (the "
+        "paper: 1). 0 leaves the teacher's space out: its pass over the teacher's vocabulary is "
+        "skipped and kd_teacher is reported as 0.",
+        ge=0.0,
+        allow_inf_nan=False,
+    )
     divergence: Divergence = _setting("forward_kl", "Divergence in the student's space (kd_student).")
     teacher_space_divergence: Divergence = _setting(
         "forward_kl", "Divergence in the teacher's space (kd_teacher)."
@@ -235,7 +243,7 @@ def _teacher_space_chunk(
         log_p = F.log_softmax(_logits(teacher_hidden, lm_head) / config.temperature, dim=-1)
     log_q = F.log_softmax(_logits(s2t_hidden, lm_head) / config.temperature, dim=-1)
     kd = torch.where(valid, divergence(log_q, log_p), 0.0).sum()
-    return config.kd_rate * kd, kd.detach().reshape(1)
+    return config.kd_rate * config.kd_teacher_weight * kd, kd.detach().reshape(1)
 
 
 def _maybe_compile(fn, config: DSKDLossConfig):
@@ -452,7 +460,7 @@ def dskd_loss(
     teacher_segment_ids: Tensor | None = None,
     shared_vocabulary: tuple[Tensor, Tensor] | None = None,
 ) -> DSKDLossOutput:
-    """The DSKD loss of one micro-batch: ``(1-r) CE + r (kd_student + t2s_ce + kd_teacher)``.
+    """The DSKD loss of one micro-batch: ``(1-r) CE + r (kd_student + t2s_ce + w kd_teacher)``.
 
     Every term is a sum over trained tokens divided by ``num_items``, so micro-batches add up
     to one large batch. Logits are computed a chunk of trained tokens at a time.
@@ -526,12 +534,14 @@ def dskd_loss(
         (student_lm_head, *own[2:]),
         config.tokens_per_chunk(student_lm_head.shape[0]),
     )
-    teacher_side, stats_t = chunked_token_sum(
-        _maybe_compile(partial(_teacher_space_chunk, config=config), config),
-        (pairs.s2t, pairs.teacher, pairs.teacher_valid),
-        (teacher_lm_head,),
-        config.tokens_per_chunk(teacher_lm_head.shape[0]),
-    )
+    teacher_side, stats_t = student_side.new_zeros(()), student_side.new_zeros(1).detach()
+    if config.kd_teacher_weight > 0:
+        teacher_side, stats_t = chunked_token_sum(
+            _maybe_compile(partial(_teacher_space_chunk, config=config), config),
+            (pairs.s2t, pairs.teacher, pairs.teacher_valid),
+            (teacher_lm_head,),
+            config.tokens_per_chunk(teacher_lm_head.shape[0]),
+        )
     ce, t2s_ce, kd_student, correct = stats_s
     metrics = {
         "ce": ce / denom,

@@ -15,7 +15,7 @@ weights load. Every message names the ``dskd_`` key to change.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -74,6 +74,15 @@ class DSKDArgs(BaseModel):
         "vocabularies differ.",
     )
     dskd_kd_rate: float = loss_key("kd_rate")
+    dskd_kd_teacher_weight: (
+        Annotated[float, Field(**_LOSS_FIELDS["kd_teacher_weight"].metadata["bounds"])] | Literal["auto"]
+    ) = Field(
+        default="auto",
+        description=_LOSS_FIELDS["kd_teacher_weight"].metadata["doc"] + " auto: 0 across tokenizers "
+        "where kd_student distils the teacher's own distribution (dskd_student_space_target "
+        "resolved to shared_vocabulary) over tokens that cover at least half of the student's "
+        "vocabulary, 1 otherwise.",
+    )
     dskd_temperature: float = loss_key("temperature")
     dskd_divergence: Divergence = loss_key("divergence")
     dskd_teacher_space_divergence: Divergence = loss_key("teacher_space_divergence")
@@ -81,7 +90,12 @@ class DSKDArgs(BaseModel):
     dskd_akl_alpha: float = loss_key("akl_alpha")
     dskd_token_alignment: TokenAlignment = loss_key("token_alignment")
     dskd_kd_student_accuracy_mask: AccuracyMask = loss_key("kd_student_accuracy_mask")
-    dskd_student_space_target: StudentSpaceTarget = loss_key("student_space_target")
+    dskd_student_space_target: StudentSpaceTarget | Literal["auto"] = Field(
+        default="auto",
+        description=_LOSS_FIELDS["student_space_target"].metadata["doc"] + " auto: shared_vocabulary "
+        "when a cross-tokenizer run pairs positions exactly and both tokenizers are fast and share "
+        "tokens, projected otherwise (the winner of each on real models).",
+    )
     dskd_chunk_size: int | None = loss_key("chunk_size")
     dskd_compile: bool = loss_key("compile")
 
@@ -172,11 +186,12 @@ def training_args(cfg: Any) -> dict[str, Any]:
 
 def loss_config(args: Any) -> DSKDLossConfig:
     """The loss settings of a run, read by field name from its ``dskd_*`` training arguments."""
-    if not isinstance(args.dskd_cross_tokenizer, bool):
-        raise TypeError(
-            f"dskd_cross_tokenizer: {args.dskd_cross_tokenizer!r} reached the trainer unresolved; "
-            "Axolotl's config validation resolves auto to true or false."
-        )
+    for key in ("dskd_cross_tokenizer", "dskd_student_space_target", "dskd_kd_teacher_weight"):
+        if getattr(args, key) == "auto":
+            raise TypeError(
+                f"{key}: 'auto' reached the trainer unresolved; Axolotl's config validation "
+                "resolves it from the teacher and student tokenizers."
+            )
     return DSKDLossConfig(
         **{f.name: getattr(args, PREFIX + f.name) for f in dataclasses.fields(DSKDLossConfig)}
     )

@@ -156,6 +156,10 @@ class DSKDPlugin(BasePlugin):
                 "DSKD: kd_student distils the teacher's own distribution over the %d tokens both "
                 "vocabularies spell alike at exact pairs", len(vocabulary[0]),
             )  # fmt: skip
+        if dskd and not cfg.dskd_kd_teacher_weight:
+            LOG.info(
+                "DSKD: the teacher's space is left out (dskd_kd_teacher_weight: 0): no kd_teacher, s2t unused"
+            )
         trainer.attach_teacher(teacher, projectors, shared_vocabulary=vocabulary if own_target else None)
         self._trainer = trainer
 

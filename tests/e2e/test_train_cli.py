@@ -111,23 +111,28 @@ def test_cross_tokenizer_run_with_bare_plugin_name(assets, tmp_path, alignment):
     """`plugins: [axolotl_dskd]` through `accelerate launch`, a sentencepiece-style student and
     a byte-level BPE teacher in 4 bits, each way of pairing the two tokenizations: the run says
     which, logs every term and the share of trained tokens with an exact partner, and saves the
-    projectors (the query of cross-model attention among them). With ``exact+cma`` the exact
-    pairs distil the teacher's own distribution over the shared tokens."""
-    target = "shared_vocabulary" if alignment == "exact+cma" else "projected"
+    projectors (the query of cross-model attention among them). By default (``auto``) exact pairs
+    distil the teacher's own distribution over the shared tokens; ``exact`` asks for the paper's
+    projected teacher, ``exact+cma`` leaves the teacher's space out."""
+    target = {
+        "exact": {"dskd_student_space_target": "projected"},
+        "exact+cma": {"dskd_kd_teacher_weight": 0},
+    }.get(alignment, {})
     cfg = dskd_config(
         assets, tmp_path, student="student_sp", plugins=["axolotl_dskd"], dskd_token_alignment=alignment,
-        dskd_student_space_target=target,
+        **target,
     )  # fmt: skip
     proc = run_train(cfg, tmp_path, launcher="accelerate")
     assert_ok(proc)
     assert PAIRING_LOG[alignment] in proc.stdout + proc.stderr
-    assert ("tokens both vocabularies spell alike at exact pairs" in proc.stdout + proc.stderr) == (
-        target == "shared_vocabulary"
-    )
+    shared = alignment == "exact+cma"  # the shared-vocabulary target, and no teacher space
+    assert ("tokens both vocabularies spell alike at exact pairs" in proc.stdout + proc.stderr) == shared
+    assert ("the teacher's space is left out" in proc.stdout + proc.stderr) == shared
     out = tmp_path / "output"
     logs = training_logs(out / "checkpoint-4")
     assert all(metric in row for row in logs for metric in (*DSKD_METRICS, "dskd/aligned_frac"))
     assert all(0.5 < row["dskd/aligned_frac"] <= 1.0 for row in logs)
+    assert all((row["dskd/kd_teacher"] == 0) == shared for row in logs)
     weights = load_file(out / "dskd_projectors.safetensors")
     assert weights["query.weight"].shape == (2 * 128, 2 * 64)
 

@@ -390,6 +390,25 @@ def test_non_default_hyperparameters_match_reference(variant, divergence):
     check_against_reference(case, cfg)
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+@pytest.mark.parametrize("variant", ["same", "cma"])
+def test_kd_teacher_weight_matches_reference(variant, weight):
+    """``kd_teacher_weight`` scales the teacher-space term; at 0 the teacher's space is left out
+    (kd_teacher reported as 0, s2t gets no gradient) and the other terms are unchanged."""
+    case = make_case(variant, seed=18)
+    out, _, _ = check_against_reference(case, case.config(kd_rate=0.4, kd_teacher_weight=weight))
+    full = dskd_loss(case.proj, **case.inputs, config=case.config(kd_rate=0.4))
+    for name in ("ce", "kd_student", "t2s_ce"):
+        assert_rel(out.metrics[name], full.metrics[name], name)
+    kd_teacher = float(full.metrics["kd_teacher"])
+    assert kd_teacher > 0
+    assert_rel(full.loss - out.loss, torch.tensor(0.4 * (1 - weight) * kd_teacher), "the kd_teacher share")
+    if weight == 0:
+        assert float(out.metrics["kd_teacher"]) == 0.0
+        s2t = torch.autograd.grad(out.loss, case.proj.s2t.weight, allow_unused=True)[0]
+        assert _zero_or_none(s2t)
+
+
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
 @pytest.mark.parametrize("variant", ["same", "cma"])
 def test_num_items_matches_reference(variant, as_tensor):

@@ -71,6 +71,73 @@ def test_equal_sized_vocabularies_with_different_tokens_are_different(assets, tm
 
 
 @pytest.mark.parametrize(
+    ("student", "overrides", "target", "kd_teacher_weight"),
+    [
+        ("student", {}, "projected", 1.0),  # one vocabulary: the paper's terms
+        ("student_sp", {}, "shared_vocabulary", 1.0),  # across tokenizers; 26 % of its tokens shared
+        ("student_sp", {"dskd_token_alignment": "cma"}, "projected", 1.0),  # no exact pairs
+        ("student_sp", {"dskd_method": "uld"}, "projected", 1.0),  # no kd_student
+        ("student_sp", {"dskd_student_space_target": "projected"}, "projected", 1.0),
+        ("student_sp", {"dskd_kd_teacher_weight": 0.5}, "shared_vocabulary", 0.5),
+        ("student", {"dskd_kd_teacher_weight": 0}, "projected", 0.0),
+    ],
+)
+def test_auto_keys_take_the_winner_of_each_pairing(
+    assets, tmp_path, student, overrides, target, kd_teacher_weight
+):
+    """By default (``auto``) a run across tokenizers whose positions pair exactly distils the
+    teacher's own distribution over the shared tokens; one vocabulary keeps the paper's projected
+    teacher (each won there on real models). The tiny pair shares too little of the student's
+    vocabulary to leave the teacher's space out. A value set in the YAML is kept."""
+    cfg = load_config(dskd_config(assets, tmp_path, student=student, **overrides), tmp_path)
+    assert cfg.dskd_student_space_target == target
+    assert cfg.dskd_kd_teacher_weight == kd_teacher_weight
+
+
+@pytest.mark.parametrize(
+    ("shared_share", "weight"),
+    [(None, 1.0), (0.26, 1.0), (0.5, 0.0), (0.79, 0.0)],
+)
+def test_auto_leaves_the_teacher_space_out_where_the_shared_tokens_cover_most_of_the_student(
+    shared_share, weight
+):
+    """``dskd_kd_teacher_weight: auto`` is 0 where kd_student distils over shared tokens that
+    cover at least half of the student's vocabulary (79 % on the real pair, where leaving the
+    teacher's space out won), 1 elsewhere (26 % on the quickstart's pair, where it lost)."""
+    from types import SimpleNamespace
+
+    from axolotl_dskd.integration.validation import resolve_kd_teacher_weight
+
+    cfg = SimpleNamespace(dskd_kd_teacher_weight="auto")
+    resolve_kd_teacher_weight(cfg, shared_share)
+    assert cfg.dskd_kd_teacher_weight == weight
+    kept = SimpleNamespace(dskd_kd_teacher_weight=0.3)
+    resolve_kd_teacher_weight(kept, shared_share)
+    assert kept.dskd_kd_teacher_weight == 0.3
+
+
+def test_shared_vocabulary_target_needs_tokens_with_readable_bytes():
+    """Without a fast tokenizer there are no token bytes to pair by: an explicit
+    ``shared_vocabulary`` is refused naming the key, ``auto`` falls back to ``projected``."""
+    from types import SimpleNamespace
+
+    from axolotl_dskd.integration.validation import resolve_student_space_target
+
+    def cfg(target: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            dskd_student_space_target=target, dskd_method="dskd", dskd_cross_tokenizer=True,
+            dskd_token_alignment="exact+cma",
+        )  # fmt: skip
+
+    slow = "student's tokenizer (LlamaTokenizer)"
+    with pytest.raises(ValueError, match="dskd_student_space_target: shared_vocabulary .* no fast"):
+        resolve_student_space_target(cfg("shared_vocabulary"), None, None, slow)
+    resolved = cfg("auto")
+    resolve_student_space_target(resolved, None, None, slow)
+    assert resolved.dskd_student_space_target == "projected"
+
+
+@pytest.mark.parametrize(
     ("overrides", "expected"),
     [
         ({"dskd_teacher": "/nonexistent/teacher"}, "dskd_teacher"),
@@ -154,7 +221,7 @@ def test_example_configs_validate(assets, tmp_path, example):
     loaded = load_config(cfg, tmp_path)
     assert loaded.dskd_cross_tokenizer is True
     for key, value in yaml.safe_load(example.read_text()).items():
-        if key.startswith("dskd_") and key not in ("dskd_teacher", "dskd_cross_tokenizer"):
+        if key.startswith("dskd_") and key != "dskd_teacher" and value != "auto":
             assert loaded[key] == value, key
 
 
@@ -307,6 +374,9 @@ unit = st.floats(0.0, 1.0)
 KEY_VALUES: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "dskd_kd_rate": _values(unit, [-0.1, 1.5, 100.0, "half", *NONFINITE]),
     "dskd_temperature": _values(st.floats(0.05, 50.0), [0.0, -1.0, "warm", *NONFINITE]),
+    "dskd_kd_teacher_weight": _values(
+        st.one_of(st.floats(0.0, 4.0), st.just("auto")), [-0.5, "none", *NONFINITE]
+    ),
     "dskd_divergence": _values(list(DIVERGENCES), ["kl", "tvd", "Forward_KL", "", "js "]),
     "dskd_teacher_space_divergence": _values(list(DIVERGENCES), ["kl", "jsd", "cross_entropy"]),
     "dskd_skew_lambda": _values(st.floats(0.01, 0.99), [0.0, 1.0, -0.5, 1.5, *NONFINITE]),
@@ -316,6 +386,9 @@ KEY_VALUES: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "dskd_chunk_size": _values(st.integers(1, 4096), [0, -8, 2.5, "big"]),
     "dskd_on_nonfinite": _values(["stop", "skip"], ["ignore", "STOP", "warn"]),
     "dskd_method": _values(["dskd", "vanilla_kd", "uld"], ["kd", "DSKD", "distill"]),
+    "dskd_student_space_target": _values(
+        ["auto", "projected", "shared_vocabulary"], ["teacher", "Auto", "shared"]
+    ),
 }
 
 
@@ -378,7 +451,9 @@ def test_generated_configs_are_refused_by_key_exactly_when_invalid(assets, case)
         else:
             loaded = load_config(cfg, Path(tmp))
             for key, value in overrides.items():
-                if key != "dskd_cross_tokenizer" and value is not None:
+                if value not in ("auto", None):
                     assert loaded[key] == value, key
+            assert loaded.dskd_student_space_target in ("projected", "shared_vocabulary")
+            assert isinstance(loaded.dskd_kd_teacher_weight, float)
             cross = overrides.get("dskd_cross_tokenizer", "auto")
             assert loaded.dskd_cross_tokenizer is (student == "student_sp" if cross == "auto" else cross)

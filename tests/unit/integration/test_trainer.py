@@ -12,10 +12,11 @@ import pytest
 import torch
 from pydantic import Field
 from torch import Tensor
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from axolotl_dskd.core.loss import DSKDLossConfig, Projectors
 from axolotl_dskd.core.teacher import load_teacher
+from axolotl_dskd.core.vocabulary import shared_vocabulary
 from axolotl_dskd.integration.args import DSKDArgs
 from dskd_devkit.axolotl_runs import dskd_config, dskd_trainer, load_config
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 NOT_DEFAULT = {
     "kd_rate": 0.25,
+    "kd_teacher_weight": 0.5,
     "temperature": 3.5,
     "divergence": "adaptive_kl",
     "teacher_space_divergence": "js",
@@ -39,12 +41,17 @@ NOT_DEFAULT = {
 
 def test_every_loss_setting_has_a_yaml_key_with_its_default():
     """The loss config is the one source of the loss settings: each (but ``cross_tokenizer``,
-    resolved from ``dskd_cross_tokenizer``) is a ``dskd_`` key with its default, bounds and help."""
+    resolved from ``dskd_cross_tokenizer``) is a ``dskd_`` key with its default, bounds and help;
+    the keys of ``student_space_target`` and ``kd_teacher_weight`` default to ``auto``, which
+    validation resolves to a value of the setting."""
     loss_fields = [f for f in dataclasses.fields(DSKDLossConfig) if f.name != "cross_tokenizer"]
     assert set(NOT_DEFAULT) == {f.name for f in loss_fields}
     defaults = DSKDLossConfig()
     for f in loss_fields:
         key = DSKDArgs.model_fields[f"dskd_{f.name}"]
+        if f.name in ("student_space_target", "kd_teacher_weight"):
+            assert key.default == "auto" and key.description.startswith(f.metadata["doc"])
+            continue
         assert key.default == getattr(defaults, f.name) != NOT_DEFAULT[f.name]
         assert key.description == f.metadata["doc"]
         assert repr(key.metadata) == repr(Field(**f.metadata["bounds"]).metadata)  # no __eq__ on some
@@ -60,9 +67,15 @@ def _trainer_from_yaml(assets, tmp_path, training_args: dict | None = None, **ya
     student = AutoModelForCausalLM.from_pretrained(cfg.base_model)
     teacher = load_teacher(cfg.dskd_teacher, device=torch.device("cpu"), dtype=torch.float32)
     projectors = Projectors(64, 128, cross_tokenizer=cfg.dskd_cross_tokenizer)
+    shared = None
+    if cfg.dskd_cross_tokenizer and cfg.dskd_student_space_target == "shared_vocabulary":
+        shared = shared_vocabulary(
+            *(AutoTokenizer.from_pretrained(p) for p in (cfg.base_model, cfg.dskd_teacher))
+        )
     return dskd_trainer(
-        student, teacher, projectors, output_dir=str(tmp_path / "out"), **plugin_args, **(training_args or {})
-    )
+        student, teacher, projectors, output_dir=str(tmp_path / "out"), shared_vocabulary=shared,
+        **plugin_args, **(training_args or {}),
+    )  # fmt: skip
 
 
 def test_every_dskd_key_reaches_the_trainer_and_its_loss(assets, tmp_path):
@@ -244,20 +257,16 @@ def test_uld_runs_the_uld_loss_on_the_teachers_own_labels(assets, tmp_path):
 
 
 def test_shared_vocabulary_target_distils_over_the_tokens_both_vocabularies_spell_alike(assets, tmp_path):
-    """``dskd_student_space_target: shared_vocabulary`` across tokenizers: the trainer hands the
-    loss the shared tokens the plugin found, and the step's loss is DSKD's with them."""
-    from transformers import AutoTokenizer
-
+    """Across tokenizers the default target (``auto``) is ``shared_vocabulary``: the trainer hands
+    the loss the shared tokens it was given (as the plugin gives them), and the step's loss is
+    DSKD's with them, not the projected target's."""
     from axolotl_dskd.core.loss import dskd_loss
     from axolotl_dskd.core.models import final_hidden_states, input_embedding_weight, lm_head_weight
-    from axolotl_dskd.core.vocabulary import shared_vocabulary
 
-    trainer = _trainer_from_yaml(
-        assets, tmp_path, student="student_sp", dskd_student_space_target="shared_vocabulary"
-    )
-    shared = shared_vocabulary(*(AutoTokenizer.from_pretrained(assets[k]) for k in ("student_sp", "teacher")))
+    trainer = _trainer_from_yaml(assets, tmp_path, student="student_sp")
+    assert trainer.loss_config.student_space_target == "shared_vocabulary"
+    shared = trainer.shared_vocabulary
     assert len(shared[0]) > 0
-    trainer.attach_teacher(trainer.teacher, trainer.projectors, shared_vocabulary=shared)
     torch.manual_seed(0)
     ids = torch.randint(100, (2, 12))
     labels = ids.clone()
