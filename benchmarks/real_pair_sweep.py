@@ -113,7 +113,9 @@ ARMS: dict[str, dict[str, Any]] = {
         "loss": {"kd_rate": 0.3333, "kd_student_accuracy_mask": "everywhere"},
     },
 }
-"""Name -> method, loss settings (``loss``, over the plugin's defaults), projector ``init``
+"""Name -> method, loss settings (``loss``, over :class:`DSKDLossConfig`'s defaults: the plugin's,
+but for the paper's projected target and teacher-space weight, which the plugin's ``auto`` keys
+replace across tokenizers, see :data:`HEADLINE`), projector ``init``
 (``pinv``, as the plugin's default, or ``random``), ``projector_lr`` (1e-3), ``clip``
 (``separate``, as the plugin's default, or ``joint``), ``pinv_identity`` (pair every id with
 itself instead of by text), ``live_teacher`` (the teacher's forward each step, not its cached

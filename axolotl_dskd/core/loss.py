@@ -534,7 +534,7 @@ def dskd_loss(
         (student_lm_head, *own[2:]),
         config.tokens_per_chunk(student_lm_head.shape[0]),
     )
-    teacher_side, stats_t = student_side.new_zeros(()), student_side.new_zeros(1).detach()
+    teacher_side, stats_t = student_side.new_zeros(()), student_side.new_zeros(1)
     if config.kd_teacher_weight > 0:
         teacher_side, stats_t = chunked_token_sum(
             _maybe_compile(partial(_teacher_space_chunk, config=config), config),
