@@ -62,7 +62,8 @@ from axolotl_dskd.core.projector_init import logit_equivalent_projectors
 from axolotl_dskd.core.teacher_tokens import TeacherTokenBuilder
 from axolotl_dskd.core.vocabulary import shared_vocabulary
 from dskd_devkit.real_models import CACHE, prune_layers, qwen_dir, smollm2
-from dskd_devkit.stdlib_qa import batch_of, chat_prompt, encode, heldout_nll, padded, split, stdlib_pairs
+from dskd_devkit.stdlib_qa import chat_prompt, encode, heldout_nll, split, stdlib_pairs
+from dskd_devkit.training import pad_batch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS = {"smollm2": RESULTS_DIR / "real_pair.jsonl", "qwen": RESULTS_DIR / "real_pair_qwen.jsonl"}
@@ -157,6 +158,13 @@ def pruned_student(model: Any, rank: int, seed: int) -> Any:
     return get_peft_model(student, config)
 
 
+def padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
 def teacher_batch(ctx: dict[str, Any], idx: list[int], live: bool = False) -> dict[str, torch.Tensor]:
     """The teacher side of a batch: hidden states (cached, or ``live``: the teacher's forward
     pass now), and with another tokenizer its ids, labels and each student position's exact
@@ -238,7 +246,8 @@ def run(arm: str, seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> d
             rng.shuffle(more)
             order += more
         idx, order = order[: args.batch], order[args.batch :]
-        ids, labels, mask = batch_of(train, idx, ctx["pad"])
+        batch = pad_batch([train[i][:2] for i in idx], ctx["pad"])
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
         h_s = base.model(input_ids=ids, attention_mask=mask).last_hidden_state
         if spec["method"] == "sft":
             targets = labels[:, 1:]

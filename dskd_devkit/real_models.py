@@ -146,7 +146,13 @@ def hf_dir(
         config.bos_token_id = tokenizer.bos_token_id
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
-    staged = Path(tempfile.mkdtemp(dir=cache))
+    return save_folder(model, tokenizer, target)
+
+
+def save_folder(model: Any, tokenizer: Any, target: Path) -> Path:
+    """``model`` and ``tokenizer`` saved as the folder ``target``, staged beside it and renamed into
+    place, so an interrupted build leaves no half-written folder."""
+    staged = Path(tempfile.mkdtemp(dir=target.parent))
     model.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
     staged.chmod(0o755)
@@ -211,9 +217,4 @@ def pruned_smollm2_dir(cache: Path = CACHE) -> Path:
     if (target / "model.safetensors").is_file():
         return target
     model, tokenizer = smollm2(cache)
-    staged = Path(tempfile.mkdtemp(dir=cache))
-    prune_layers(model).save_pretrained(staged)
-    tokenizer.save_pretrained(staged)
-    staged.chmod(0o755)
-    staged.rename(target)
-    return target
+    return save_folder(prune_layers(model), tokenizer, target)

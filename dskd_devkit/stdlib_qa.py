@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from axolotl_dskd.core.loss import IGNORE_INDEX
+from dskd_devkit.training import pad_batch
 
 _MODULE_NAMES = (
     "abc argparse array ast asyncio base64 bisect binascii calendar cmath codecs collections "
@@ -104,21 +105,6 @@ def encode(tokenizer: Any, pair: dict[str, str], max_len: int) -> tuple[list[int
     return ids, labels, len(tokenizer.decode(kept).encode())
 
 
-def padded(rows: list[list[int]], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
-
-
-def batch_of(examples: list, idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(input_ids, labels, attention_mask)`` of the :func:`encode`-d ``examples[idx]``, right-padded."""
-    ids = padded([examples[i][0] for i in idx], pad_id)
-    labels = padded([examples[i][1] for i in idx], IGNORE_INDEX)
-    mask = padded([[1] * len(examples[i][0]) for i in idx], 0)
-    return ids, labels, mask
-
-
 def heldout_nll(model: Any, examples: list, pad_id: int, batch_size: int = 16) -> dict[str, float]:
     """The answers' NLL per token and per UTF-8 byte under ``model`` (the bytes of the
     :func:`encode`-d answers kept)."""
@@ -128,10 +114,10 @@ def heldout_nll(model: Any, examples: list, pad_id: int, batch_size: int = 16) -
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             idx = list(range(start, min(start + batch_size, len(examples))))
-            ids, labels, mask = batch_of(examples, idx, pad_id)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            targets = labels[:, 1:]
-            nll += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
+            batch = pad_batch([examples[i][:2] for i in idx], pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            nll += F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="sum").item()
             tokens += int((targets != IGNORE_INDEX).sum())
             nbytes += sum(examples[i][2] for i in idx)
     model.train(was_training)
