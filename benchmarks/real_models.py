@@ -32,7 +32,7 @@ the plugin's defaults 8 to 10, ULD and the paper's settings across tokenizers (t
 151,936-row head) 20 and 23; ROUGE-L 2 minutes a run.
 
     .venv/bin/python benchmarks/real_models.py --seeds 0 --rouge-seeds 10    # every arm (README's table)
-    .venv/bin/python benchmarks/real_models.py --arms sft vanilla_kd dskd_default --seeds 1 2
+    .venv/bin/python benchmarks/real_models.py --arms sft vanilla_kd uld dskd_default --seeds 1 2 3 4
     .venv/bin/python benchmarks/real_models.py --table-only
 """
 

@@ -112,6 +112,12 @@ ARMS: dict[str, dict[str, Any]] = {
         "method": "dskd",
         "loss": {"kd_rate": 0.3333, "kd_student_accuracy_mask": "everywhere"},
     },
+    "dskd_r033_s2t_closed_form": {"method": "dskd", "loss": {"kd_rate": 0.3333}, "frozen": ["s2t"]},
+    "dskd_r033_t2s_teacher_top1": {
+        "method": "dskd",
+        "loss": {"kd_rate": 0.3333},
+        "t2s_target": "teacher_top1",
+    },
 }
 """Name -> method, loss settings (``loss``, over :class:`DSKDLossConfig`'s defaults: the plugin's,
 but for the paper's projected target and teacher-space weight, which the plugin's ``auto`` keys
@@ -119,7 +125,11 @@ replace across tokenizers, see :data:`HEADLINE`), projector ``init``
 (``pinv``, as the plugin's default, or ``random``), ``projector_lr`` (1e-3), ``clip``
 (``separate``, as the plugin's default, or ``joint``), ``pinv_identity`` (pair every id with
 itself instead of by text), ``live_teacher`` (the teacher's forward each step, not its cached
-states)."""
+states), ``frozen`` (projectors held at their start: DSKDv2 computes s2t each step in closed form
+from the student's LM head, W_s pinv(W_t) over the shared tokens, which is ``pinv``'s s2t; LoRA
+leaves that head frozen, so here it is s2t held at ``pinv``), ``t2s_target`` (``teacher_top1``,
+one vocabulary: t2s_ce trains the projected teacher toward the teacher's own top-1, DSKDv2's
+``t2s_labels``, instead of the label)."""
 
 
 def teacher_states(teacher: Any, inputs: list[list[int]], path: Path) -> list[torch.Tensor]:
@@ -194,6 +204,15 @@ def teacher_batch(ctx: dict[str, Any], idx: list[int], live: bool = False) -> di
     return out
 
 
+def teacher_top1(teacher_hidden: torch.Tensor, t_head: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The teacher's most likely next token at every trained position, in the labels' convention."""
+    trained = labels[:, 1:] != IGNORE_INDEX
+    out = labels.clone()
+    with torch.no_grad():
+        out[:, 1:][trained] = (teacher_hidden[:, :-1][trained].float() @ t_head.float().T).argmax(-1)
+    return out
+
+
 def heldout_rouge(student: Any, ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """ROUGE-L of answers sampled for the held-out questions against their docstrings, the paper's
     protocol (:mod:`axolotl_dskd.evaluate`: sampling at temperature 1, one pass per generation
@@ -230,7 +249,10 @@ def run(arm: str, seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> d
     params = [p for p in student.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": args.lr}]
     if projectors is not None:
-        groups.append({"params": list(projectors.parameters()), "lr": spec.get("projector_lr", 1e-3)})
+        for name, p in projectors.named_parameters():
+            p.requires_grad_(name.split(".")[0] not in spec.get("frozen", []))
+        trained = [p for p in projectors.parameters() if p.requires_grad]
+        groups.append({"params": trained, "lr": spec.get("projector_lr", 1e-3)})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps, warmup = args.steps, max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -270,7 +292,10 @@ def run(arm: str, seed: int, ctx: dict[str, Any], args: argparse.Namespace) -> d
                                 teacher_embeddings=ctx["teacher"].model.embed_tokens.weight.detach(),
                                 shared_vocabulary=ctx["shared_vocabulary"])  # fmt: skip
             else:
-                out = dskd_loss(projectors, **common, teacher_labels=labels)
+                t2s_labels = (
+                    teacher_top1(t["teacher_hidden"], t_head, labels) if spec.get("t2s_target") else None
+                )
+                out = dskd_loss(projectors, **common, teacher_labels=labels, t2s_labels=t2s_labels)
             loss, metrics = out.loss, out.metrics
         loss.backward()
         clipped = params + ([] if projectors is None else list(projectors.parameters()))
@@ -374,6 +399,8 @@ HEADLINE = {
         "dskd_r033": "DSKD, the plugin's defaults (projected target, teacher-space term)",
         "dskd_r033_shared": "DSKD, the plugin's defaults but dskd_student_space_target: shared_vocabulary",
         "dskd_r033_kdt0": "DSKD, the plugin's defaults but dskd_kd_teacher_weight: 0",
+        "dskd_r033_s2t_closed_form": "DSKD, the plugin's defaults but s2t held at pinv (DSKDv2's closed-form s2t)",
+        "dskd_r033_t2s_teacher_top1": "DSKD, the plugin's defaults but t2s_ce toward the teacher's top-1 (DSKDv2)",
     },
     "qwen": {
         **_BASELINES,

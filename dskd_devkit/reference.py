@@ -179,6 +179,7 @@ def reference_dskd_loss(
     student_segment_ids: Tensor | None = None,
     teacher_segment_ids: Tensor | None = None,
     shared_vocabulary: tuple[Tensor, Tensor] | None = None,
+    t2s_labels: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The DSKD loss of one micro-batch, exactly as the spec writes it, in float64.
 
@@ -197,7 +198,10 @@ def reference_dskd_loss(
     vocabulary, exact partners) kd_student compares the student's logits of the shared tokens
     (``shared_vocabulary[0]``; one vocabulary: every common id) with the teacher's logits of the
     same tokens (``shared_vocabulary[1]``), each renormalized over them; the accuracy mask then
-    asks whether the teacher's top shared token is the label.
+    asks whether the teacher's top shared token is the label. Without attention nothing then reads
+    the projected teacher: t2s_ce and t2s_acc are 0 and t2s is not trained.
+
+    ``t2s_labels`` (default the labels): the targets of t2s_ce, read at the trained positions.
     """
     cfg = _config(config)
     T = float(cfg.temperature)
@@ -210,6 +214,7 @@ def reference_dskd_loss(
     if own_target and shared_vocabulary is None:
         raise ValueError("student_space_target='shared_vocabulary' needs the shared token ids")
     s_ids, t_ids = shared_vocabulary if own_target else (None, None)
+    t2s_read = not own_target or (cfg.cross_tokenizer and cfg.token_alignment != "exact")
 
     def student_space_kd(
         z_student: Tensor, z_teacher_own: Tensor, z_projected: Tensor, label: Tensor
@@ -237,6 +242,7 @@ def reference_dskd_loss(
 
     # Shift: hidden states at 0..L-2 predict labels[1:].
     y_s, m_s = _shift(student_labels)
+    y_t2s = y_s if t2s_labels is None else t2s_labels[:, 1:]  # what t2s_ce trains t2s toward
     h_s = student_hidden[:, :-1].to(F64)  # keeps the gradient to the caller's tensor
     h_t = teacher_hidden[:, :-1].detach().to(F64)
     W_s = student_lm_head.to(F64)  # trainable in a full fine-tune
@@ -258,8 +264,8 @@ def reference_dskd_loss(
     if not cfg.cross_tokenizer:
         # ---------------- same vocabulary: M_t = M_s, y_t = y_s ----------------
         z_t2s = _linear64(proj.t2s, h_t) @ W_s_sg.T  # teacher projected into the student space
-        t2s_ce = _ce(z_t2s[m_s], y_s[m_s]).sum() / N
-        correct = m_s & (z_t2s.argmax(-1) == y_s)
+        t2s_ce = _ce(z_t2s[m_s], y_t2s[m_s]).sum() / N * t2s_read
+        correct = m_s & (z_t2s.argmax(-1) == y_s) & t2s_read
         kd_stu = (
             sum(
                 (
@@ -295,12 +301,12 @@ def reference_dskd_loss(
                     partnered[b, j] = True
                 h_j = H_t[b, j]
                 z_t2s_bi = _linear64(proj.t2s, h_j) @ W_s_sg.T
-                t2s_ce = t2s_ce + _ce(z_t2s_bi[None], y_s[b, i][None]).sum() / N
+                t2s_ce = t2s_ce + _ce(z_t2s_bi[None], y_t2s[b, i][None]).sum() / N * t2s_read
                 z_t_j = h_j @ W_t.T
                 kd_stu = kd_stu + student_space_kd(z_s[b, i], z_t_j, z_t2s_bi, y_s[b, i]) / N
                 z_s2t_bi = _linear64(proj.s2t, h_s[b, i]) @ W_t.T
                 kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t_bi[None], z_t_j[None]).sum() / N
-                correct[b, i] = bool(z_t2s_bi.argmax() == y_s[b, i])
+                correct[b, i] = t2s_read and bool(z_t2s_bi.argmax() == y_s[b, i])
     if cfg.cross_tokenizer and mode != "exact":
         # ---------------- cross-model attention ----------------
         if student_input_ids is None or teacher_input_ids is None:
@@ -344,7 +350,7 @@ def reference_dskd_loss(
         A = torch.softmax(S, dim=-1)
         z_t2s = (A @ V_t) @ W_s_sg.T  # [B, n, V_s]
         rows = m_s & row_ok & ~exact
-        t2s_ce = t2s_ce + _ce(z_t2s[rows], y_s[rows]).sum() / N
+        t2s_ce = t2s_ce + _ce(z_t2s[rows], y_t2s[rows]).sum() / N
         correct_cma = rows & (z_t2s.argmax(-1) == y_s)
         kd_stu = kd_stu + div(cfg.divergence, z_s[correct_cma], z_t2s[correct_cma].detach()).sum() / N
         correct = correct | correct_cma

@@ -102,7 +102,8 @@ class DSKDLossConfig:
         "What kd_student distils where a teacher state is paired position by position (one "
         "vocabulary; exact cross-tokenizer pairs): projected (the paper: that state through t2s "
         "and the student's head) or shared_vocabulary (the teacher's own distribution over the "
-        "tokens both vocabularies spell alike, against the student's over the same tokens).",
+        "tokens both vocabularies spell alike, against the student's over the same tokens; t2s "
+        "then trains only where attention's rows read it).",
     )
     chunk_size: int | None = _setting(
         None, "Trained tokens per vocabulary chunk; default max(16, 2**24 // vocabulary).", ge=1
@@ -141,6 +142,13 @@ class DSKDLossConfig:
     @property
     def uses_exact_pairs(self) -> bool:
         return self.cross_tokenizer and self.token_alignment != "cma"
+
+    @property
+    def reads_t2s(self) -> bool:
+        """Whether a term reads the projected teacher: kd_student's ``projected`` target or
+        attention's rows. Otherwise t2s would be trained (t2s_ce) for nothing, and its pass over
+        the student's vocabulary is skipped."""
+        return self.student_space_target == "projected" or self.uses_cma
 
 
 class Projectors(nn.Module):
@@ -184,6 +192,7 @@ def _student_space_chunk(
     hidden: Tensor,
     t2s_hidden: Tensor,
     targets: Tensor,
+    t2s_targets: Tensor,
     t2s_valid: Tensor,
     by_attention: Tensor,
     teacher_rows: Tensor,
@@ -203,17 +212,21 @@ def _student_space_chunk(
     shared_vocabulary`` the ``own_rows`` distil the teacher's own distribution instead: its
     paired state ``teacher_rows`` through ``teacher_head`` (the shared tokens' rows), against the
     student's logits of the same tokens (``student_ids``); the mask then asks the teacher's top-1.
+    Where no term reads it (``not config.reads_t2s``) ``t2s_hidden`` is empty and the projected
+    teacher is not computed: t2s_ce and t2s_correct are 0.
     Stats: ``[ce, t2s_ce, kd_student, t2s_correct]`` sums.
     """
     divergence = get_divergence(config.divergence, config.skew_lambda, config.akl_alpha)
     z_s = _logits(hidden, lm_head)
-    z_t2s = _logits(t2s_hidden, lm_head.detach())
     ce = F.cross_entropy(z_s, targets, reduction="none")
-    t2s_ce = torch.where(t2s_valid, F.cross_entropy(z_t2s, targets, reduction="none"), 0.0)
-    correct = t2s_valid & (z_t2s.detach().argmax(-1) == targets)
-    log_q = F.log_softmax(z_s / config.temperature, dim=-1)
-    log_p = F.log_softmax(z_t2s.detach() / config.temperature, dim=-1)
-    kd, agrees = divergence(log_q, log_p), correct
+    t2s_ce, kd, correct = torch.zeros_like(ce), torch.zeros_like(ce), torch.zeros_like(t2s_valid)
+    if config.reads_t2s:
+        z_t2s = _logits(t2s_hidden, lm_head.detach())
+        t2s_ce = torch.where(t2s_valid, F.cross_entropy(z_t2s, t2s_targets, reduction="none"), 0.0)
+        correct = t2s_valid & (z_t2s.detach().argmax(-1) == targets)
+        log_q = F.log_softmax(z_s / config.temperature, dim=-1)
+        kd = divergence(log_q, F.log_softmax(z_t2s.detach() / config.temperature, dim=-1))
+    agrees = correct
     if config.student_space_target == "shared_vocabulary":
         z_own = _logits(teacher_rows, teacher_head)
         log_q_own = F.log_softmax(z_s[:, student_ids] / config.temperature, dim=-1)
@@ -349,7 +362,14 @@ def _partners(teacher_hidden: Tensor, token_alignment: Tensor, m_s: Tensor) -> t
     return teacher_hidden[rows, partner.clamp_min(0)], m_s & (partner >= 0)
 
 
-def _same_vocabulary_pairs(proj: Projectors, h_s: Tensor, h_t: Tensor, m_s: Tensor) -> _Pairs:
+def _t2s(proj: Projectors, config: DSKDLossConfig, teacher_rows: Tensor) -> Tensor:
+    """The paired teacher states through t2s, or ``[n, 0]`` where no term reads them."""
+    return _project(proj.t2s, teacher_rows) if config.reads_t2s else teacher_rows[:, :0]
+
+
+def _same_vocabulary_pairs(
+    proj: Projectors, config: DSKDLossConfig, h_s: Tensor, h_t: Tensor, m_s: Tensor
+) -> _Pairs:
     """Every trained student position with the teacher's state at the same position."""
     if h_t.shape[:2] != h_s.shape[:2]:
         raise ValueError(
@@ -359,7 +379,7 @@ def _same_vocabulary_pairs(proj: Projectors, h_s: Tensor, h_t: Tensor, m_s: Tens
     teacher = h_t[m_s]
     ones = torch.ones_like(m_s[m_s])
     return _Pairs(
-        t2s=_project(proj.t2s, teacher),
+        t2s=_t2s(proj, config, teacher),
         t2s_valid=ones,
         by_attention=~ones,
         paired_teacher=teacher,
@@ -401,7 +421,7 @@ def _cross_tokenizer_pairs(
     s2t, teacher, teacher_valid = [], [], []  # exact pairs first, then attention's columns
     if config.uses_exact_pairs:
         paired_rows = paired_teacher[m_s]
-        t2s = _project(proj.t2s, paired_rows)
+        t2s = _t2s(proj, config, paired_rows)
         s2t.append(_project(proj.s2t, h_s[exact]))
         teacher.append(paired_teacher[exact])
         teacher_valid.append(torch.ones_like(exact[exact]))
@@ -459,6 +479,7 @@ def dskd_loss(
     student_segment_ids: Tensor | None = None,
     teacher_segment_ids: Tensor | None = None,
     shared_vocabulary: tuple[Tensor, Tensor] | None = None,
+    t2s_labels: Tensor | None = None,
 ) -> DSKDLossOutput:
     """The DSKD loss of one micro-batch: ``(1-r) CE + r (kd_student + t2s_ce + w kd_teacher)``.
 
@@ -496,6 +517,9 @@ def dskd_loss(
             alike (:func:`axolotl_dskd.core.vocabulary.shared_vocabulary`): needed across
             tokenizers by ``config.student_space_target`` ``shared_vocabulary``. One vocabulary
             shares every id.
+        t2s_labels: ``[B, L_s]`` what t2s_ce trains the projected teacher toward, in the
+            labels' convention (read where ``student_labels`` is trained); default the labels.
+            DSKDv2 trains it toward the teacher's own top-1, so that it stays the teacher.
 
     Returns:
         ``DSKDLossOutput``: the 0-d ``loss`` and detached ``metrics`` (``ce``, ``kd_student``,
@@ -503,6 +527,7 @@ def dskd_loss(
         this batch's trained tokens).
     """
     h_s, y_s, m_s = _shift(student_hidden, student_labels)
+    y_t2s = y_s if t2s_labels is None else t2s_labels[:, 1:]
     n_trained, denom = _token_counts(m_s, num_items)
     teacher_hidden = teacher_hidden.detach()
     teacher_lm_head = teacher_lm_head.detach()
@@ -525,12 +550,12 @@ def dskd_loss(
 
         pairs = _cross_tokenizer_pairs(proj, config, h_s, m_s, teacher_hidden, token_alignment, sides)
     else:
-        pairs = _same_vocabulary_pairs(proj, h_s, teacher_hidden[:, :-1], m_s)
+        pairs = _same_vocabulary_pairs(proj, config, h_s, teacher_hidden[:, :-1], m_s)
 
     own = _own_target(config, pairs, student_lm_head, teacher_lm_head, shared_vocabulary)
     student_side, stats_s = chunked_token_sum(
         _maybe_compile(partial(_student_space_chunk, config=config), config),
-        (h_s[m_s], pairs.t2s, y_s[m_s], pairs.t2s_valid, pairs.by_attention, *own[:2]),
+        (h_s[m_s], pairs.t2s, y_s[m_s], y_t2s[m_s], pairs.t2s_valid, pairs.by_attention, *own[:2]),
         (student_lm_head, *own[2:]),
         config.tokens_per_chunk(student_lm_head.shape[0]),
     )

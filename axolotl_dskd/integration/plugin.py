@@ -154,7 +154,8 @@ class DSKDPlugin(BasePlugin):
         if own_target:
             LOG.info(
                 "DSKD: kd_student distils the teacher's own distribution over the %d tokens both "
-                "vocabularies spell alike at exact pairs", len(vocabulary[0]),
+                "vocabularies spell alike at exact pairs%s", len(vocabulary[0]),
+                "" if trainer.loss_config.reads_t2s else "; no term reads t2s: no t2s_ce, t2s not trained",
             )  # fmt: skip
         if dskd and not cfg.dskd_kd_teacher_weight:
             LOG.info(

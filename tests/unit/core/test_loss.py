@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from axolotl_dskd.core.loss import DSKDLossConfig, Projectors, dskd_loss, vanilla_kd_loss
+from axolotl_dskd.core.loss import DSKDLossConfig, DSKDLossOutput, Projectors, dskd_loss, vanilla_kd_loss
 from dskd_devkit.reference import DIVERGENCE_NAMES as DIVERGENCES
 from dskd_devkit.reference import reference_dskd_loss
 from dskd_devkit.unchunked import unchunked_dskd_loss
@@ -407,6 +407,28 @@ def test_kd_teacher_weight_matches_reference(variant, weight):
         assert float(out.metrics["kd_teacher"]) == 0.0
         s2t = torch.autograd.grad(out.loss, case.proj.s2t.weight, allow_unused=True)[0]
         assert _zero_or_none(s2t)
+
+
+@pytest.mark.parametrize("alignment", ["same", "cma", "exact+cma"])
+def test_t2s_labels_match_reference(alignment):
+    """``t2s_labels`` (DSKDv2: the teacher's own top-1) is what t2s_ce trains the projected
+    teacher toward; CE, the accuracy mask and t2s_acc still read the labels."""
+    case = make_case("same" if alignment == "same" else "cma", seed=49)
+    extra = {} if alignment == "same" else {"token_alignment": case.token_alignment.clone()}
+    if alignment == "exact+cma":
+        extra["token_alignment"][:, ::3] = -1
+    cfg = case.config() if alignment == "same" else case.config(token_alignment=alignment)
+    labels = case.inputs["student_labels"]
+    vocabulary = case.inputs["student_lm_head"].shape[0]
+    g = torch.Generator().manual_seed(4900)  # not the case's own seed: other ids than the labels
+    t2s_labels = torch.where(labels != -100, torch.randint(vocabulary, labels.shape, generator=g), -100)
+    out, _, _ = check_against_reference(case, cfg, t2s_labels=t2s_labels, **extra)
+    plain = dskd_loss(case.proj, **case.inputs, config=cfg, **extra)
+    for name in ("ce", "t2s_acc"):
+        assert_rel(out.metrics[name], plain.metrics[name], name)
+    assert float(out.metrics["t2s_ce"]) != pytest.approx(float(plain.metrics["t2s_ce"]), rel=1e-3)
+    same = dskd_loss(case.proj, **case.inputs, config=cfg, t2s_labels=labels, **extra)
+    assert torch.equal(same.loss, plain.loss)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
@@ -926,6 +948,39 @@ def test_shared_vocabulary_target_of_one_vocabulary_is_vanilla_kd():
     vanilla = vanilla_kd_loss(**plain, config=config)
     for name in ("ce", "kd_student"):
         assert_rel(dskd.metrics[name], vanilla.metrics[name], name)
+
+
+@pytest.mark.parametrize("mode", ["same", "exact", "exact+cma"])
+def test_shared_vocabulary_target_reads_t2s_only_through_attention(mode):
+    """With the shared-vocabulary target only attention's rows read the projected teacher: with
+    one vocabulary or exact pairs alone t2s is not computed (t2s_ce and t2s_acc 0, no gradient),
+    and what the student learns does not depend on it."""
+    if mode == "same":
+        case, extra = same_vocab_case(seed=48), {}
+        config = case.config(student_space_target="shared_vocabulary")
+    else:
+        case = cma_case(seed=48)
+        alignment = case.token_alignment.clone()
+        alignment[:, ::3] = -1  # rows without a partner: attention's, with exact+cma
+        extra = {"token_alignment": alignment, "shared_vocabulary": some_shared_tokens(case, seed=48)}
+        config = case.config(student_space_target="shared_vocabulary", token_alignment=mode)
+
+    def run() -> tuple[DSKDLossOutput, Tensor, Tensor | None]:
+        out = dskd_loss(case.proj, **case.inputs, config=config, **extra)
+        wrt = (case.inputs["student_hidden"], case.proj.t2s.weight)
+        return out, *torch.autograd.grad(out.loss, wrt, allow_unused=True)
+
+    out, student_grad, t2s_grad = run()
+    with torch.no_grad():
+        case.proj.t2s.weight.mul_(-3.0)
+    scrambled, scrambled_grad, _ = run()
+    if mode == "exact+cma":
+        assert float(out.metrics["t2s_ce"]) > 0 and not _zero_or_none(t2s_grad)
+        assert not torch.allclose(student_grad, scrambled_grad)
+        return
+    assert float(out.metrics["t2s_ce"]) == float(out.metrics["t2s_acc"]) == 0.0
+    assert _zero_or_none(t2s_grad)
+    assert torch.equal(out.loss, scrambled.loss) and torch.equal(student_grad, scrambled_grad)
 
 
 def test_shared_vocabulary_target_across_tokenizers_needs_the_shared_ids():
