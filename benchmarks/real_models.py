@@ -1,22 +1,26 @@
 """DSKD against SFT, vanilla KD and ULD on real pretrained models, through Axolotl's CLI as users run it.
 
 Every run is ``accelerate launch -m axolotl.cli.train config.yml`` on a config this script writes;
-each teacher's hidden states are built once with ``axolotl dskd-cache-teacher config.yml`` and
-every distilled run of that teacher reads them (``dskd_teacher_cache``). Nothing is in-process
-but the scoring.
+each teacher's states are built once with ``axolotl dskd-cache-teacher config.yml`` and every
+distilled run of that teacher reads them (``dskd_teacher_cache``; the two students share a
+tokenizer, so one cache serves both). Nothing is in-process but the scoring.
 
-- Student: SmolLM2-135M-Instruct pruned to 11 of its 30 layers (``KEEP_LAYERS``, saved once as a
-  model folder), LoRA r 16 on every linear layer of the blocks, its tied embeddings frozen.
-- Teachers: SmolLM2-135M-Instruct, the model it was pruned from (one vocabulary), and
-  Qwen2.5-Coder-1.5B-Instruct (another tokenizer: 151,936 ids against 49,152), which reads each
-  conversation in its own chat template (``dskd_teacher_chat_template: auto``); both float32.
+- Students: SmolLM2-135M-Instruct pruned to 11 of its 30 layers (``KEEP_LAYERS``, saved once as a
+  model folder), and a narrow one, the same with its hidden size also cut from 576 to 378
+  (``NARROW_WIDTH``, :func:`prune_width`: its hidden space and LM head are not its teacher's);
+  LoRA r 16 on every linear layer of the blocks, the tied embeddings frozen.
+- Pairs (``PAIRS``): SmolLM2-135M-Instruct, the model they were pruned from, teaches each student
+  (one vocabulary), and so does Qwen2.5-Coder-1.5B-Instruct (another tokenizer: 151,936 ids
+  against 49,152), which reads each conversation in its own chat template
+  (``dskd_teacher_chat_template: auto``). Teachers in float32.
 - Data: questions about Python's standard library answered by its docstrings
   (:mod:`dskd_devkit.stdlib_qa`), a ``chat_template`` dataset in SmolLM2's template, answers and
   ``<|im_end|>`` trained, rows cut at 144 tokens (``excess_length_strategy: truncate``); a held-out
   split never trained on.
-- Training: 80 steps of 8 rows, AdamW at 5e-4 (cosine, 8 warm-up steps), projectors at 1e-3,
-  gradient norm clipped at 1.0, as in :mod:`real_pair_sweep` (its in-process twin, where the ideas
-  were measured).
+- Training: 80 steps of 8 rows, AdamW at 5e-4 (cosine, 8 warm-up steps), the projectors at the
+  plugin's rate (3e-4; the in-process sweep's 1e-3 was the default when it ran), gradient norm
+  clipped at 1.0, as in :mod:`real_pair_sweep` (its in-process twin, where most ideas were
+  measured).
 - Scores: the held-out answers' NLL per UTF-8 byte (comparable across tokenizers) of the saved
   adapter, and with ``--rouge-seeds`` the ROUGE-L of answers sampled for the held-out questions
   by ``python -m axolotl_dskd.evaluate`` (the paper's protocol). The terms a run logged
@@ -26,13 +30,18 @@ but the scoring.
 Each run and each cache build appends one JSON line to ``benchmarks/results/real_models.jsonl``
 (a run already there is skipped); ``real_models.md`` beside it is rewritten from them. Runs go
 ``--jobs`` at a time, one CPU thread each; a run waits for its teacher's cache. Measured on two
-cores, two or three processes side by side: the student and data in seconds, SmolLM2's cache
-3 minutes, Qwen's 43; an SFT or same-vocabulary run 7 to 10 minutes, a cross-tokenizer run with
-the plugin's defaults 8 to 10, ULD and the paper's settings across tokenizers (they read Qwen's
-151,936-row head) 20 and 23; ROUGE-L 2 minutes a run.
+cores, two or three processes side by side: the students and data in seconds, SmolLM2's cache
+3 minutes, Qwen's 43; an SFT or same-vocabulary run 7 to 10 minutes (the narrow student's 5 to
+8), a cross-tokenizer run with the plugin's defaults 6 to 10, ULD and the paper's settings across
+tokenizers (they read Qwen's 151,936-row head) 20 and 23, the teacher-space term across tokenizers
+18; ROUGE-L 2 minutes a run.
 
     .venv/bin/python benchmarks/real_models.py --seeds 0 --rouge-seeds 10    # every arm (README's table)
     .venv/bin/python benchmarks/real_models.py --arms sft vanilla_kd uld dskd_default --seeds 1 2 3 4
+    .venv/bin/python benchmarks/real_models.py --pairs smollm2_narrow qwen_narrow \
+        --arms sft vanilla_kd dskd_default --seeds 0 1 2 3 4
+    .venv/bin/python benchmarks/real_models.py --pairs smollm2 smollm2_narrow --arms dskd_plr1e3 \
+        --seeds 0 1 2 3 4
     .venv/bin/python benchmarks/real_models.py --table-only
 """
 
@@ -46,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,16 +70,40 @@ from dskd_devkit.axolotl_runs import (
     write_config,
 )
 from dskd_devkit.chat_pairs import write_conversations
-from dskd_devkit.real_models import CACHE, pruned_smollm2_dir, qwen_dir, smollm2_dir
+from dskd_devkit.real_models import (
+    CACHE,
+    NARROW_WIDTH,
+    narrow_smollm2_dir,
+    pruned_smollm2_dir,
+    qwen_dir,
+    smollm2_dir,
+)
 from dskd_devkit.stdlib_qa import chat_prompt, encode, heldout_nll, split, stdlib_pairs
 
 RESULTS = Path(__file__).resolve().parent / "results" / "real_models.jsonl"
 WORK = CACHE / "cli_benchmark"
-TEACHERS = {"smollm2": smollm2_dir, "qwen": qwen_dir}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A teacher and the student it distils into."""
+
+    label: str
+    teacher: Callable[[], Path]
+    student: str
+    """A key of :data:`STUDENTS`."""
+
+
+STUDENTS = {"pruned": pruned_smollm2_dir, "narrow": narrow_smollm2_dir}
+STUDENT_LABELS = {"pruned": "layer-pruned", "narrow": f"narrow (hidden {NARROW_WIDTH})"}
 PAIRS = {
-    "smollm2": "SmolLM2-135M-Instruct (same vocabulary)",
-    "qwen": "Qwen2.5-Coder-1.5B-Instruct (other tokenizer)",
+    "smollm2": Pair("SmolLM2-135M-Instruct (same vocabulary)", smollm2_dir, "pruned"),
+    "qwen": Pair("Qwen2.5-Coder-1.5B-Instruct (other tokenizer)", qwen_dir, "pruned"),
+    "smollm2_narrow": Pair("SmolLM2-135M-Instruct (same vocabulary)", smollm2_dir, "narrow"),
+    "qwen_narrow": Pair("Qwen2.5-Coder-1.5B-Instruct (other tokenizer)", qwen_dir, "narrow"),
 }
+RECOVERY = {"pruned": ("smollm2", "qwen"), "narrow": ("smollm2_narrow", "qwen_narrow")}
+"""Per student, its same-vocabulary and its cross-tokenizer pair."""
 SEQUENCE_LEN = 144
 STEPS = 80
 PAPER = {
@@ -78,50 +112,64 @@ PAPER = {
     "dskd_grad_clip": "joint",
     "dskd_student_space_target": "projected",
     "dskd_kd_teacher_weight": 1.0,
+    "dskd_projector_lr": 1e-3,
 }
 """The DSKD paper's settings where the plugin's defaults differ (its temperature, 2, is the plugin's)."""
-ARMS: dict[str, dict[str, dict[str, Any]]] = {
-    "smollm2": {
-        "sft": {},
-        "vanilla_kd": {"dskd_method": "vanilla_kd"},
-        "dskd_paper": PAPER,
-        "dskd_default": {},
-    },
-    "qwen": {
-        "sft": {},
-        "uld": {"dskd_method": "uld"},
-        "dskd_paper": {**PAPER, "dskd_token_alignment": "cma"},
-        "dskd_default": {},
-    },
+SAME_VOCABULARY_ARMS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "vanilla_kd": {"dskd_method": "vanilla_kd"},
+    "dskd_paper": PAPER,
+    "dskd_default": {},
+    "dskd_plr1e3": {"dskd_projector_lr": 1e-3},
+    "dskd_plr3e3": {"dskd_projector_lr": 3e-3},
+    "dskd_shared": {"dskd_student_space_target": "shared_vocabulary", "dskd_projector_lr": 1e-3},
 }
-"""Per teacher, each arm's ``dskd_*`` keys over the plugin's defaults (``sft``: none, no teacher).
-The student, its data and SFT do not depend on the teacher: SFT runs once, under ``smollm2``."""
+CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "uld": {"dskd_method": "uld"},
+    "dskd_paper": {**PAPER, "dskd_token_alignment": "cma"},
+    "dskd_default": {},
+    "dskd_w1": {"dskd_kd_teacher_weight": 1.0},
+    "dskd_projected_w0": {"dskd_student_space_target": "projected", "dskd_kd_teacher_weight": 0.0},
+}
+ARMS: dict[str, dict[str, dict[str, Any]]] = {
+    "smollm2": SAME_VOCABULARY_ARMS,
+    "qwen": CROSS_TOKENIZER_ARMS,
+    "smollm2_narrow": SAME_VOCABULARY_ARMS,
+    "qwen_narrow": CROSS_TOKENIZER_ARMS,
+}
+"""Per pair, each arm's ``dskd_*`` keys over the plugin's defaults (``sft``: none, no teacher).
+SFT does not depend on the teacher: it runs once per student, under its first pair
+(:func:`sft_pair`)."""
 LABELS = {
     "sft": "SFT (no teacher)",
     "vanilla_kd": "vanilla KD (dskd_method: vanilla_kd)",
     "uld": "ULD (dskd_method: uld)",
     "dskd_paper": "DSKD, the paper's settings",
     "dskd_default": "DSKD, the plugin's defaults",
+    "dskd_plr1e3": "DSKD, the plugin's defaults but dskd_projector_lr: 1e-3 (the paper's)",
+    "dskd_plr3e3": "DSKD, the plugin's defaults but dskd_projector_lr: 3e-3",
+    "dskd_shared": "DSKD, the plugin's defaults but dskd_student_space_target: shared_vocabulary (projectors at 1e-3)",
+    "dskd_w1": "DSKD, the plugin's defaults but dskd_kd_teacher_weight: 1",
+    "dskd_projected_w0": "DSKD, the plugin's defaults but the projected target (dskd_kd_teacher_weight: 0)",
 }
 
 
 @dataclass(frozen=True)
 class Assets:
-    """What every run of the benchmark reads: the student folder and the data files."""
+    """What every run of the benchmark reads: the data files (the students share a tokenizer)."""
 
-    student: Path
     train: Path
     heldout: Path
     """``{"prompt", "output"}`` rows: the chat-rendered question and its reference answer."""
 
 
 def prepare() -> Assets:
-    """The pruned student and the stdlib Q&A in Axolotl's ``chat_template`` format, built once."""
+    """The stdlib Q&A in Axolotl's ``chat_template`` format, built once."""
     from transformers import AutoTokenizer
 
-    student = pruned_smollm2_dir()
     data = WORK / "data"
-    assets = Assets(student, data / "train.jsonl", data / "heldout.jsonl")
+    assets = Assets(data / "train.jsonl", data / "heldout.jsonl")
     if assets.heldout.is_file():
         return assets
     train, heldout = split(stdlib_pairs())
@@ -130,27 +178,38 @@ def prepare() -> Assets:
         for p in train
     ]
     write_conversations(assets.train, conversation)
-    tokenizer = AutoTokenizer.from_pretrained(student)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     rows = [{"prompt": chat_prompt(tokenizer, p), "output": p["answer"]} for p in heldout]
     assets.heldout.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return assets
 
 
-def run_dir(teacher: str, arm: str, seed: int) -> Path:
-    return WORK / "runs" / teacher / f"{arm}_seed{seed}"
+def sft_pair(pair: str) -> str:
+    """The pair whose ``sft`` runs are the SFT of ``pair``'s student."""
+    return next(p for p in PAIRS if PAIRS[p].student == PAIRS[pair].student)
 
 
-def cache_dir(teacher: str) -> Path:
-    return WORK / f"cache_{teacher}"
+def run_dir(pair: str, arm: str, seed: int) -> Path:
+    return WORK / "runs" / pair / f"{arm}_seed{seed}"
 
 
-def config(assets: Assets, teacher: str, arm: str, seed: int) -> dict[str, Any]:
-    """The Axolotl config of one run (or, as ``dskd_default``, of the teacher's cache build)."""
-    out = run_dir(teacher, arm, seed)
+def cache_pair(pair: str) -> str:
+    """The pair whose teacher cache ``pair`` reads: the first with its teacher. A cache depends on
+    the student's tokenizer, which the students share, not on its weights."""
+    return next(p for p in PAIRS if PAIRS[p].teacher is PAIRS[pair].teacher)
+
+
+def cache_dir(pair: str) -> Path:
+    return WORK / f"cache_{cache_pair(pair)}"
+
+
+def config(assets: Assets, pair: str, arm: str, seed: int) -> dict[str, Any]:
+    """The Axolotl config of one run (or, as ``dskd_default``, of the pair's cache build)."""
+    out = run_dir(pair, arm, seed)
     cfg = {
         **CPU_LORA_BASE,
         "plugins": ["axolotl_dskd.DSKDPlugin"],
-        "base_model": str(assets.student),
+        "base_model": str(STUDENTS[PAIRS[pair].student]()),
         "chat_template": "tokenizer_default",
         "datasets": [
             {
@@ -175,9 +234,9 @@ def config(assets: Assets, teacher: str, arm: str, seed: int) -> dict[str, Any]:
         "seed": seed,
         "output_dir": str(out / "output"),
         "dataset_prepared_path": str(out / "prepared"),
-        "dskd_teacher": str(TEACHERS[teacher]()),
-        "dskd_teacher_cache": str(cache_dir(teacher)),
-        **ARMS[teacher][arm],
+        "dskd_teacher": str(PAIRS[pair].teacher()),
+        "dskd_teacher_cache": str(cache_dir(pair)),
+        **ARMS[pair][arm],
     }
     return without_distillation(cfg) if arm == "sft" else cfg
 
@@ -195,15 +254,15 @@ def _run(command: list[str], workdir: Path, log_name: str) -> float:
     return time.time() - started
 
 
-def build_cache(assets: Assets, teacher: str) -> dict[str, Any]:
-    """``axolotl dskd-cache-teacher`` on the teacher's default DSKD config: its time and size."""
-    workdir = WORK / f"cache_build_{teacher}"
+def build_cache(assets: Assets, pair: str) -> dict[str, Any]:
+    """``axolotl dskd-cache-teacher`` on the pair's default DSKD config: its time and size."""
+    workdir = WORK / f"cache_build_{pair}"
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(config(assets, teacher, "dskd_default", 0), workdir / "config.yml")
+    cfg = write_config(config(assets, pair, "dskd_default", 0), workdir / "config.yml")
     seconds = _run(cache_command(cfg, "axolotl"), workdir, "cache.log")
-    size = sum(f.stat().st_size for f in cache_dir(teacher).rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in cache_dir(pair).rglob("*") if f.is_file())
     return {
-        "teacher": teacher,
+        "pair": pair,
         "arm": "cache",
         "seed": 0,
         "build_s": round(seconds),
@@ -211,17 +270,15 @@ def build_cache(assets: Assets, teacher: str) -> dict[str, Any]:
     }
 
 
-def train_and_score(
-    assets: Assets, teacher: str, arm: str, seed: int, rouge_seeds: list[int]
-) -> dict[str, Any]:
+def train_and_score(assets: Assets, pair: str, arm: str, seed: int, rouge_seeds: list[int]) -> dict[str, Any]:
     """Train one arm through ``accelerate launch -m axolotl.cli.train`` and score its adapter."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    workdir = run_dir(teacher, arm, seed)
+    workdir = run_dir(pair, arm, seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = config(assets, teacher, arm, seed)
+    cfg = config(assets, pair, arm, seed)
     output = Path(cfg["output_dir"])
     if not (output / f"checkpoint-{STEPS}").is_dir():  # a run trained before is scored again
         _run(train_command(write_config(cfg, workdir / "config.yml")), workdir, "train.log")
@@ -229,16 +286,17 @@ def train_and_score(
     steps = [row for row in log_history(output / f"checkpoint-{STEPS}") if "loss" in row]
     terms = sorted({k for row in steps for k in row if k.startswith("dskd/") or k in ("loss", "grad_norm")})
     result: dict[str, Any] = {
-        "teacher": teacher,
+        "pair": pair,
         "arm": arm,
         "seed": seed,
-        "keys": ARMS[teacher][arm],
+        "keys": ARMS[pair][arm],
         "seconds_per_step": round(float(runtime.group(1)) / STEPS, 2),
         "last20": {k: round(statistics.mean(row[k] for row in steps[-20:] if k in row), 4) for k in terms},
     }
     torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(assets.student)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets.student), output)
+    student = cfg["base_model"]
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), output)
     _, heldout = split(stdlib_pairs())
     result.update(
         heldout_nll(model, [encode(tokenizer, p, SEQUENCE_LEN) for p in heldout], tokenizer.pad_token_id)
@@ -258,8 +316,8 @@ def _results() -> list[dict[str, Any]]:
     return [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.is_file() else []
 
 
-def _done(teacher: str, arm: str, seed: int) -> bool:
-    return any((r["teacher"], r["arm"], r["seed"]) == (teacher, arm, seed) for r in _results())
+def _done(pair: str, arm: str, seed: int) -> bool:
+    return any((r["pair"], r["arm"], r["seed"]) == (pair, arm, seed) for r in _results())
 
 
 def _append(result: dict[str, Any]) -> None:
@@ -267,68 +325,84 @@ def _append(result: dict[str, Any]) -> None:
         f.write(json.dumps(result) + "\n")
 
 
+def _per_seed(by_seed: dict[int, dict[str, Any]], baseline: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """NLL per byte against ``baseline`` on every seed both have."""
+    return {s: by_seed[s]["nll_byte"] - baseline[s]["nll_byte"] for s in sorted(by_seed) if s in baseline}
+
+
 def write_table() -> Path:
-    """``real_models.md``: per teacher and arm the held-out NLL per byte (mean, spread, per
-    seed, against SFT on the same seed), ROUGE-L and seconds per step (two runs sharing two cores:
-    a rough guide, not a speed benchmark); then what the cross-tokenizer default recovers of the
-    same-vocabulary default's gain; then the caches."""
+    """``real_models.md``: per pair and arm the held-out NLL per byte (mean, spread, per seed,
+    against SFT of the same student on the same seed), ROUGE-L and seconds per step (two runs
+    sharing two cores: a rough guide, not a speed benchmark); then, per same-vocabulary pair, the
+    default DSKD against vanilla KD per seed, and what the cross-tokenizer default recovers of the
+    same-vocabulary default's gain (one student); then the caches."""
     runs: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     caches = {}
     for r in _results():
         if r["arm"] == "cache":
-            caches[r["teacher"]] = r
+            caches[r["pair"]] = r
         else:
-            runs.setdefault((r["teacher"], r["arm"]), {})[r["seed"]] = r
-    sft = runs.get(("smollm2", "sft"), {})
+            runs.setdefault((r["pair"], r["arm"]), {})[r["seed"]] = r
     rows = [
-        "| Teacher | Arm | Seeds | NLL/byte | Spread | Per seed | vs SFT, per seed | ROUGE-L (runs) | s/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Teacher | Student | Arm | Seeds | NLL/byte | Spread | Per seed | vs SFT, per seed | ROUGE-L (runs) | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    gains = {}
-    for teacher, label in PAIRS.items():
-        for arm in ARMS[teacher]:
-            by_seed = sft if arm == "sft" else runs.get((teacher, arm), {})
-            if not by_seed or (arm == "sft" and teacher != "smollm2"):
+    notes, gains = [], {}
+    for pair, spec in PAIRS.items():
+        sft = runs.get((sft_pair(pair), "sft"), {})
+        for arm in ARMS[pair]:
+            by_seed = runs.get((pair, arm), {})
+            if not by_seed:
                 continue
             seeds = sorted(by_seed)
             nll = [by_seed[s]["nll_byte"] for s in seeds]
-            delta = [by_seed[s]["nll_byte"] - sft[s]["nll_byte"] for s in seeds if s in sft and arm != "sft"]
-            if arm == "dskd_default":
-                gains[teacher] = {s: by_seed[s]["nll_byte"] - sft[s]["nll_byte"] for s in seeds if s in sft}
+            delta = _per_seed(by_seed, sft) if arm != "sft" else {}
             rouge = [by_seed[s]["rouge_l"]["mean"] for s in seeds if "rouge_l" in by_seed[s]]
             step = statistics.mean(by_seed[s]["seconds_per_step"] for s in seeds)
-            rows.append(
-                f"| {label if arm != 'sft' else 'none'} | {LABELS[arm]} | {len(seeds)} | {statistics.mean(nll):.4f} "
-                f"| {max(nll) - min(nll):.4f} | {' / '.join(f'{x:.4f}' for x in nll)} "
-                f"| {' / '.join(f'{d:+.4f}' for d in delta)} "
-                f"| {f'{statistics.mean(rouge):.2f} ({len(rouge)})' if rouge else ''} "
-                f"| {step:.1f} |"
+            count = (
+                str(len(seeds))
+                if seeds == list(range(len(seeds)))
+                else f"{len(seeds)} ({', '.join(map(str, seeds))})"
             )
-    lines = rows
-    both = sorted(set(gains.get("smollm2", {})) & set(gains.get("qwen", {})))
-    if both:
-        same, cross = (statistics.mean(gains[t][s] for s in both) for t in ("smollm2", "qwen"))
-        recovered = (
-            f"On seed{'s' * (len(both) > 1)} {', '.join(map(str, both))} (mean of the changes against SFT) the "
-            f"cross-tokenizer default changes held-out NLL by {cross:+.4f} nats/byte, the same-vocabulary "
-            f"default by {same:+.4f}"
-            + (f": it recovers {cross / same:.0%} of that gain." if same < 0 else ".")
+            rows.append(
+                f"| {spec.label if arm != 'sft' else 'none'} | {STUDENT_LABELS[spec.student]} | {LABELS[arm]} "
+                f"| {count} | {statistics.mean(nll):.4f} | {max(nll) - min(nll):.4f} "
+                f"| {' / '.join(f'{x:.4f}' for x in nll)} | {' / '.join(f'{d:+.4f}' for d in delta.values())} "
+                f"| {f'{statistics.mean(rouge):.2f} ({len(rouge)})' if rouge else ''} | {step:.1f} |"
+            )
+        gains[pair] = _per_seed(runs.get((pair, "dskd_default"), {}), sft)
+        baseline = "vanilla_kd" if "vanilla_kd" in ARMS[pair] else "uld"
+        against = _per_seed(runs.get((pair, "dskd_default"), {}), runs.get((pair, baseline), {}))
+        if against:
+            notes.append(
+                f"{spec.label}, {STUDENT_LABELS[spec.student]} student: the default DSKD against "
+                f"{LABELS[baseline].split(' (')[0]} per seed ({', '.join(map(str, against))}): "
+                f"{' / '.join(f'{d:+.4f}' for d in against.values())} nats/byte."
+            )
+    for student, (same_pair, cross_pair) in RECOVERY.items():
+        both = sorted(set(gains.get(same_pair, {})) & set(gains.get(cross_pair, {})))
+        if not both:
+            continue
+        same, cross = (statistics.mean(gains[p][s] for s in both) for p in (same_pair, cross_pair))
+        notes.append(
+            f"With the {STUDENT_LABELS[student]} student, on seed{'s' * (len(both) > 1)} "
+            f"{', '.join(map(str, both))} (mean of the changes against SFT) the cross-tokenizer default "
+            f"changes held-out NLL by {cross:+.4f} nats/byte, the same-vocabulary default by {same:+.4f}"
+            + (f": it recovers {max(cross / same, 0):.0%} of that gain." if same < 0 else ".")
         )
-        lines += ["", recovered]
-    for teacher, cache in caches.items():
-        minutes = cache["build_s"] / 60
-        lines += [
-            "",
-            f"{PAIRS[teacher]}: `axolotl dskd-cache-teacher` {minutes:.0f} min (one thread), {cache['mib']} MiB.",
-        ]
+    notes += [
+        f"{PAIRS[pair].label}: `axolotl dskd-cache-teacher` {cache['build_s'] / 60:.0f} min (one thread), "
+        f"{cache['mib']} MiB, read by both students."
+        for pair, cache in caches.items()
+    ]
     out = RESULTS.with_suffix(".md")
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(rows) + "\n" + "".join(f"\n{note}\n" for note in notes))
     return out
 
 
 @dataclass
 class _Job:
-    teacher: str
+    pair: str
     arm: str
     seed: int
     needs: str | None = None
@@ -337,7 +411,7 @@ class _Job:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--teachers", nargs="+", choices=list(TEACHERS), default=list(TEACHERS))
+    parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=["smollm2", "qwen"])
     parser.add_argument(
         "--arms", nargs="+", default=["sft", "vanilla_kd", "uld", "dskd_paper", "dskd_default"]
     )
@@ -345,46 +419,48 @@ def main() -> None:
     parser.add_argument("--rouge-seeds", nargs="*", type=int, default=[])
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one CPU thread each")
     parser.add_argument("--table-only", action="store_true")
-    parser.add_argument("--job", nargs=3, metavar=("TEACHER", "ARM", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--job", nargs=3, metavar=("PAIR", "ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table_only:
         print(write_table().read_text())
         return
     assets = prepare()
     if args.job:
-        teacher, arm, seed = args.job
+        pair, arm, seed = args.job
         result = (
-            build_cache(assets, teacher)
+            build_cache(assets, pair)
             if arm == "cache"
-            else train_and_score(assets, teacher, arm, int(seed), args.rouge_seeds)
+            else train_and_score(assets, pair, arm, int(seed), args.rouge_seeds)
         )
         _append(result)
         print(json.dumps(result), flush=True)
         return
-    jobs = [_Job(t, "cache", 0) for t in args.teachers if not _done(t, "cache", 0)]
+    caches = dict.fromkeys(cache_pair(p) for p in args.pairs)
+    jobs = [_Job(p, "cache", 0) for p in caches if not _done(p, "cache", 0)]
     for seed in args.seeds:
-        for teacher in args.teachers:
+        for pair in args.pairs:
             for arm in args.arms:
-                if (
-                    arm in ARMS[teacher]
-                    and not (arm == "sft" and teacher != "smollm2")
-                    and not _done(teacher, arm, seed)
-                ):
-                    jobs.append(_Job(teacher, arm, seed, needs=None if arm == "sft" else teacher))
+                if arm not in ARMS[pair] or _done(pair, arm, seed):
+                    continue
+                if arm == "sft":
+                    if sft_pair(pair) == pair:
+                        jobs.append(_Job(pair, arm, seed))
+                else:
+                    jobs.append(_Job(pair, arm, seed, needs=cache_pair(pair)))
     started, running = time.time(), []
     while jobs or running:
         for job in [j for j in running if j.proc.poll() is not None]:
             running.remove(job)
             print(
-                f"{time.time() - started:6.0f}s {job.teacher} {job.arm} seed {job.seed}: exit {job.proc.returncode}",
+                f"{time.time() - started:6.0f}s {job.pair} {job.arm} seed {job.seed}: exit {job.proc.returncode}",
                 flush=True,
             )
-        cached = {r["teacher"] for r in _results() if r["arm"] == "cache"}
+        cached = {r["pair"] for r in _results() if r["arm"] == "cache"}
         ready = [j for j in jobs if j.needs is None or j.needs in cached]
         while ready and len(running) < args.jobs:
             job = ready.pop(0)
             jobs.remove(job)
-            command = [sys.executable, __file__, "--job", job.teacher, job.arm, str(job.seed),
+            command = [sys.executable, __file__, "--job", job.pair, job.arm, str(job.seed),
                        "--rouge-seeds", *map(str, args.rouge_seeds)]  # fmt: skip
             job.proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
             running.append(job)

@@ -40,6 +40,10 @@ QWEN = "qwen2.5-coder-1.5b-instruct-hf"
 KEEP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
 """The layers of SmolLM2-135M-Instruct (30) its pruned copy keeps: the benchmarks' student."""
 PRUNED_SMOLLM2 = "smollm2-135m-pruned11-hf"
+NARROW_WIDTH = 378
+"""The narrow student's hidden size, about two thirds of SmolLM2's 576 (its 9 heads keep 64
+dimensions each; a Llama config's hidden size must be a multiple of its head count)."""
+NARROW_SMOLLM2 = f"smollm2-135m-pruned11-w{NARROW_WIDTH}-hf"
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 """Qwen2's pre-tokenizer pattern, from its published ``tokenizer.json``."""
@@ -210,6 +214,55 @@ def prune_layers(model: Any, keep: tuple[int, ...] = KEEP_LAYERS) -> Any:
     return model
 
 
+def prune_width(model: Any, inputs: list[list[int]], width: int) -> Any:
+    """``model`` (a Llama-style decoder, tied embeddings) with its residual stream cut to the
+    ``width`` channels that carry the most of its normalized activations on ``inputs``
+    (Minitron's embedding-channel importance: every RMSNorm's output, squared, summed), in place.
+    Each RMSNorm's weight is scaled by the mean ratio of its input's RMS over the kept channels to
+    its RMS over all, so a norm's output keeps its scale. Heads and MLP width are kept: the
+    student's hidden space, and so its LM head, are no longer the teacher's."""
+    import torch
+
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    seen: dict[int, list[torch.Tensor]] = {id(n): [] for n in norms}
+    hooks = [
+        n.register_forward_pre_hook(
+            lambda m, args: seen[id(m)].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for n in norms
+    ]
+    with torch.no_grad():
+        for ids in inputs:
+            model(input_ids=torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    x = {i: torch.cat(rows).float() for i, rows in seen.items()}
+    rms = {i: v.pow(2).mean(-1).sqrt() for i, v in x.items()}
+    importance = sum((n.weight.float() * x[id(n)] / rms[id(n)][:, None]).pow(2).mean(0) for n in norms)
+    keep = importance.topk(width).indices.sort().values
+
+    def cut(weight: torch.Tensor, dim: int) -> torch.nn.Parameter:
+        return torch.nn.Parameter(
+            weight.index_select(dim, keep).contiguous(), requires_grad=weight.requires_grad
+        )
+
+    with torch.no_grad():
+        for n in norms:
+            scale = (x[id(n)][:, keep].pow(2).mean(-1).sqrt() / rms[id(n)]).mean()
+            n.weight = cut(n.weight * scale, 0)
+        model.model.embed_tokens.weight = cut(model.model.embed_tokens.weight, 1)
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                linear.weight, linear.in_features = cut(linear.weight, 1), width
+            for linear in (attn.o_proj, mlp.down_proj):
+                linear.weight, linear.out_features = cut(linear.weight, 0), width
+    model.model.embed_tokens.embedding_dim = width
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.hidden_size = width
+    return model
+
+
 def pruned_smollm2_dir(cache: Path = CACHE) -> Path:
     """The Hugging Face folder of SmolLM2-135M-Instruct pruned to :data:`KEEP_LAYERS` (the student
     a user would train with Axolotl), built once from :func:`smollm2_dir`."""
@@ -218,3 +271,19 @@ def pruned_smollm2_dir(cache: Path = CACHE) -> Path:
         return target
     model, tokenizer = smollm2(cache)
     return save_folder(prune_layers(model), tokenizer, target)
+
+
+def narrow_smollm2_dir(cache: Path = CACHE) -> Path:
+    """The Hugging Face folder of the pruned copy with its hidden size also cut to
+    :data:`NARROW_WIDTH` (:func:`prune_width`, channels ranked on the first 64 training questions
+    of :mod:`dskd_devkit.stdlib_qa`): a same-vocabulary student whose hidden space and LM head
+    are not its teacher's. Built once."""
+    target = cache / NARROW_SMOLLM2
+    if (target / "model.safetensors").is_file():
+        return target
+    from dskd_devkit.stdlib_qa import encode, split, stdlib_pairs
+
+    model, tokenizer = smollm2(cache)
+    train, _ = split(stdlib_pairs())
+    inputs = [encode(tokenizer, pair, 144)[0] for pair in train[:64]]
+    return save_folder(prune_width(prune_layers(model), inputs, NARROW_WIDTH), tokenizer, target)

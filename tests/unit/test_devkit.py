@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import torch
 import yaml
 
 from axolotl_dskd import dolly
-from dskd_devkit import assets, axolotl_runs, scoring, task, tiny_tokenizers, training
+from dskd_devkit import assets, axolotl_runs, real_models, scoring, task, tiny_tokenizers, training
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -319,3 +320,34 @@ def test_real_vocab_assets_use_the_real_tokenizers(real_tokenizer, tmp_path: Pat
         saved = AutoTokenizer.from_pretrained(paths[name])
         assert saved("forty-three plus nine")["input_ids"] == tok("forty-three plus nine")["input_ids"]
         assert saved.eos_token == tok.eos_token and saved.pad_token_id is not None
+
+
+def test_prune_width_narrows_the_residual_stream_and_saves_a_loadable_model(tmp_path: Path) -> None:
+    """The narrow student of the real-model benchmark: its hidden size cut, the channel that carries
+    most of the activations kept, its LM head still tied to its embeddings, and the saved folder
+    loads back to the same model. Cutting nothing leaves the model's outputs as they were."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 50  # a massive-activation channel
+    massive = model.model.embed_tokens.weight[:, 5].clone()
+    inputs = [torch.randint(0, 50, (12,)).tolist() for _ in range(4)]
+    ids = torch.tensor([inputs[0]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+
+    whole = real_models.prune_width(copy.deepcopy(model), inputs, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+    narrow = real_models.prune_width(model, inputs, 24)
+    assert narrow.config.hidden_size == 24 and narrow.lm_head.weight is narrow.model.embed_tokens.weight
+    assert any(torch.equal(column, massive) for column in narrow.model.embed_tokens.weight.T)
+    narrow.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, narrow(input_ids=ids).logits)
