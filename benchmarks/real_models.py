@@ -122,6 +122,7 @@ SAME_VOCABULARY_ARMS: dict[str, dict[str, Any]] = {
     "dskd_default": {},
     "dskd_plr1e3": {"dskd_projector_lr": 1e-3},
     "dskd_plr3e3": {"dskd_projector_lr": 3e-3},
+    "dskd_plr1e4": {"dskd_projector_lr": 1e-4},
     "dskd_shared": {"dskd_student_space_target": "shared_vocabulary", "dskd_projector_lr": 1e-3},
 }
 CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
@@ -131,6 +132,17 @@ CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
     "dskd_default": {},
     "dskd_w1": {"dskd_kd_teacher_weight": 1.0},
     "dskd_projected_w0": {"dskd_student_space_target": "projected", "dskd_kd_teacher_weight": 0.0},
+    "dskd_projected_w0_plr1e4": {
+        "dskd_student_space_target": "projected",
+        "dskd_kd_teacher_weight": 0.0,
+        "dskd_projector_lr": 1e-4,
+    },
+    "dskd_projected_w0_plr1e4_t1": {
+        "dskd_student_space_target": "projected",
+        "dskd_kd_teacher_weight": 0.0,
+        "dskd_projector_lr": 1e-4,
+        "dskd_temperature": 1.0,
+    },
 }
 ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "smollm2": SAME_VOCABULARY_ARMS,
@@ -149,9 +161,13 @@ LABELS = {
     "dskd_default": "DSKD, the plugin's defaults",
     "dskd_plr1e3": "DSKD, the plugin's defaults but dskd_projector_lr: 1e-3 (the paper's)",
     "dskd_plr3e3": "DSKD, the plugin's defaults but dskd_projector_lr: 3e-3",
+    "dskd_plr1e4": "DSKD, the plugin's defaults but dskd_projector_lr: 1e-4",
     "dskd_shared": "DSKD, the plugin's defaults but dskd_student_space_target: shared_vocabulary (projectors at 1e-3)",
     "dskd_w1": "DSKD, the plugin's defaults but dskd_kd_teacher_weight: 1",
     "dskd_projected_w0": "DSKD, the plugin's defaults but the projected target (dskd_kd_teacher_weight: 0)",
+    "dskd_projected_w0_plr1e4": "DSKD, the projected target (dskd_kd_teacher_weight: 0), projectors at 1e-4",
+    "dskd_projected_w0_plr1e4_t1": "DSKD, the projected target (dskd_kd_teacher_weight: 0), projectors at 1e-4, "
+    "dskd_temperature: 1",
 }
 
 
