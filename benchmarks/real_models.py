@@ -125,24 +125,17 @@ SAME_VOCABULARY_ARMS: dict[str, dict[str, Any]] = {
     "dskd_plr1e4": {"dskd_projector_lr": 1e-4},
     "dskd_shared": {"dskd_student_space_target": "shared_vocabulary", "dskd_projector_lr": 1e-3},
 }
+PROJECTED_W0 = {"dskd_student_space_target": "projected", "dskd_kd_teacher_weight": 0.0}
+"""Across tokenizers, the projected teacher in place of the teacher's own distribution."""
 CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
     "sft": {},
     "uld": {"dskd_method": "uld"},
     "dskd_paper": {**PAPER, "dskd_token_alignment": "cma"},
     "dskd_default": {},
     "dskd_w1": {"dskd_kd_teacher_weight": 1.0},
-    "dskd_projected_w0": {"dskd_student_space_target": "projected", "dskd_kd_teacher_weight": 0.0},
-    "dskd_projected_w0_plr1e4": {
-        "dskd_student_space_target": "projected",
-        "dskd_kd_teacher_weight": 0.0,
-        "dskd_projector_lr": 1e-4,
-    },
-    "dskd_projected_w0_plr1e4_t1": {
-        "dskd_student_space_target": "projected",
-        "dskd_kd_teacher_weight": 0.0,
-        "dskd_projector_lr": 1e-4,
-        "dskd_temperature": 1.0,
-    },
+    "dskd_projected_w0": PROJECTED_W0,
+    "dskd_projected_w0_plr1e4": {**PROJECTED_W0, "dskd_projector_lr": 1e-4},
+    "dskd_projected_w0_plr1e4_t1": {**PROJECTED_W0, "dskd_projector_lr": 1e-4, "dskd_temperature": 1.0},
 }
 ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "smollm2": SAME_VOCABULARY_ARMS,
