@@ -370,7 +370,7 @@ def write_table() -> Path:
             step = statistics.mean(by_seed[s]["seconds_per_step"] for s in seeds)
             count = (
                 str(len(seeds))
-                if seeds == list(range(len(seeds)))
+                if seeds == (sorted(sft) or seeds)
                 else f"{len(seeds)} ({', '.join(map(str, seeds))})"
             )
             rows.append(
