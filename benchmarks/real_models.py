@@ -136,8 +136,6 @@ CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
     "dskd_projected_w0": PROJECTED_W0,
     "dskd_projected_w0_plr1e4": {**PROJECTED_W0, "dskd_projector_lr": 1e-4},
     "dskd_projected_w0_plr1e4_t1": {**PROJECTED_W0, "dskd_projector_lr": 1e-4, "dskd_temperature": 1.0},
-    "dskd_mapped": {"dskd_student_space_target": "mapped_vocabulary"},
-    "dskd_mapped_t1": {"dskd_student_space_target": "mapped_vocabulary", "dskd_temperature": 1.0},
 }
 ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "smollm2": SAME_VOCABULARY_ARMS,
@@ -163,8 +161,6 @@ LABELS = {
     "dskd_projected_w0_plr1e4": "DSKD, the projected target (dskd_kd_teacher_weight: 0), projectors at 1e-4",
     "dskd_projected_w0_plr1e4_t1": "DSKD, the projected target (dskd_kd_teacher_weight: 0), projectors at 1e-4, "
     "dskd_temperature: 1",
-    "dskd_mapped": "DSKD, the plugin's defaults but dskd_student_space_target: mapped_vocabulary",
-    "dskd_mapped_t1": "DSKD, the plugin's defaults but dskd_student_space_target: mapped_vocabulary, dskd_temperature: 1",
 }
 
 

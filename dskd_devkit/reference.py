@@ -207,13 +207,12 @@ def reference_dskd_loss(
     T = float(cfg.temperature)
     # kd_student only where the projected teacher's top-1 is the label, also off attention (DSKDv2)
     masked_everywhere = cfg.kd_student_accuracy_mask == "everywhere"
-    target = getattr(cfg, "student_space_target", "projected")
-    own_target = target in ("shared_vocabulary", "mapped_vocabulary")
+    own_target = getattr(cfg, "student_space_target", "projected") == "shared_vocabulary"
     if own_target and not cfg.cross_tokenizer:
         common = torch.arange(min(student_lm_head.shape[0], teacher_lm_head.shape[0]))
         shared_vocabulary = (common, common)
     if own_target and shared_vocabulary is None:
-        raise ValueError(f"student_space_target={target!r} needs the paired token ids")
+        raise ValueError("student_space_target='shared_vocabulary' needs the shared token ids")
     s_ids, t_ids = shared_vocabulary if own_target else (None, None)
     t2s_read = not own_target or (cfg.cross_tokenizer and cfg.token_alignment != "exact")
 
@@ -221,13 +220,7 @@ def reference_dskd_loss(
         z_student: Tensor, z_teacher_own: Tensor, z_projected: Tensor, label: Tensor
     ) -> Tensor:
         """kd_student of one row paired position by position, zero where the mask drops it."""
-        if target == "mapped_vocabulary":
-            # the teacher's probabilities summed per student token (a 0/1 matrix), floored at
-            # float32's smallest normal number, then as logits whose tempered softmax they are
-            p_mapped = F.softmax(z_teacher_own[t_ids] / T, -1) @ F.one_hot(s_ids, z_student.shape[-1]).to(F64)
-            student_side, teacher_side = z_student, T * p_mapped.clamp_min(2.0**-126).log()
-            agrees = p_mapped.argmax() == label
-        elif own_target:
+        if own_target:
             student_side, teacher_side = z_student[s_ids], z_teacher_own[t_ids]
             agrees = s_ids[teacher_side.argmax()] == label
         else:

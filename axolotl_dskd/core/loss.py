@@ -32,10 +32,8 @@ TOKEN_ALIGNMENTS = ("cma", "exact", "exact+cma")
 TokenAlignment = Literal["cma", "exact", "exact+cma"]
 ACCURACY_MASKS = ("attention", "everywhere")
 AccuracyMask = Literal["attention", "everywhere"]
-STUDENT_SPACE_TARGETS = ("projected", "shared_vocabulary", "mapped_vocabulary")
-StudentSpaceTarget = Literal["projected", "shared_vocabulary", "mapped_vocabulary"]
-OWN_TARGETS = ("shared_vocabulary", "mapped_vocabulary")
-"""Targets that distil the teacher's own distribution, read through its LM head."""
+STUDENT_SPACE_TARGETS = ("projected", "shared_vocabulary")
+StudentSpaceTarget = Literal["projected", "shared_vocabulary"]
 
 
 def _setting(default: Any, doc: str, **bounds: Any) -> Any:
@@ -229,19 +227,12 @@ def _student_space_chunk(
         log_q = F.log_softmax(z_s / config.temperature, dim=-1)
         kd = divergence(log_q, F.log_softmax(z_t2s.detach() / config.temperature, dim=-1))
     agrees = correct
-    if config.student_space_target in OWN_TARGETS:
-        log_p_own = F.log_softmax(_logits(teacher_rows, teacher_head) / config.temperature, dim=-1)
-        if config.student_space_target == "shared_vocabulary":
-            log_q_own = F.log_softmax(z_s[:, student_ids] / config.temperature, dim=-1)
-            top_own = student_ids[log_p_own.argmax(-1)]
-        else:  # every teacher token's probability counts for the student token its text starts with
-            p_own = log_p_own.new_zeros(log_p_own.shape[0], z_s.shape[1])
-            p_own.index_add_(1, student_ids, log_p_own.exp())
-            log_p_own = p_own.clamp_min(torch.finfo(p_own.dtype).tiny).log()
-            log_q_own = F.log_softmax(z_s / config.temperature, dim=-1)
-            top_own = p_own.argmax(-1)
-        kd = torch.where(own_rows, divergence(log_q_own, log_p_own), kd)
-        agrees = torch.where(own_rows, top_own == targets, correct)
+    if config.student_space_target == "shared_vocabulary":
+        z_own = _logits(teacher_rows, teacher_head)
+        log_q_own = F.log_softmax(z_s[:, student_ids] / config.temperature, dim=-1)
+        own_kd = divergence(log_q_own, F.log_softmax(z_own / config.temperature, dim=-1))
+        kd = torch.where(own_rows, own_kd, kd)
+        agrees = torch.where(own_rows, student_ids[z_own.argmax(-1)] == targets, correct)
     everywhere = config.kd_student_accuracy_mask == "everywhere"
     kd_mask = agrees if everywhere else torch.where(by_attention, agrees, t2s_valid)
     kd = torch.where(kd_mask, kd, 0.0)
@@ -566,7 +557,7 @@ def dskd_loss(
         _maybe_compile(partial(_student_space_chunk, config=config), config),
         (h_s[m_s], pairs.t2s, y_s[m_s], y_t2s[m_s], pairs.t2s_valid, pairs.by_attention, *own[:2]),
         (student_lm_head, *own[2:]),
-        config.tokens_per_chunk(max(student_lm_head.shape[0], own[2].shape[0])),
+        config.tokens_per_chunk(student_lm_head.shape[0]),
     )
     teacher_side, stats_t = student_side.new_zeros(()), student_side.new_zeros(1)
     if config.kd_teacher_weight > 0:
@@ -608,8 +599,8 @@ def _own_target(
         return pairs.paired_teacher, pairs.paired, teacher_lm_head[:rows], torch.arange(rows, device=device)
     if shared_vocabulary is None:
         raise ValueError(
-            f"student_space_target={config.student_space_target!r} across tokenizers needs "
-            "shared_vocabulary (the student's and the teacher's ids it pairs)"
+            "student_space_target='shared_vocabulary' across tokenizers needs shared_vocabulary "
+            "(the student's and the teacher's ids of the tokens both spell alike)"
         )
     student_ids, teacher_ids = (ids.to(device) for ids in shared_vocabulary)
     return pairs.paired_teacher, pairs.paired, teacher_lm_head[teacher_ids], student_ids

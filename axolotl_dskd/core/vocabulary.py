@@ -132,7 +132,9 @@ def token_texts(tokenizer: Any) -> dict[str, int]:
     Added tokens that are not special (Qwen's ``<think>``) stand for their content as written.
     """
     added = getattr(tokenizer, "added_tokens_decoder", {})
-    excluded = _control_ids(tokenizer)
+    excluded = set(getattr(tokenizer, "all_special_ids", [])) | {
+        i for i, token in added.items() if token.special
+    }
     texts: dict[int, str] = {}
     for i, data, byte_fallback in _pieces(tokenizer):
         if i in excluded or i in added or byte_fallback:
@@ -158,48 +160,6 @@ def shared_vocabulary(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[T
     pairs = sorted((i, teacher[text]) for text, i in student.items() if text in teacher)
     ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
     return ids[:, 0].contiguous(), ids[:, 1].contiguous()
-
-
-def vocabulary_map(student_tokenizer: Any, teacher_tokenizer: Any) -> tuple[Tensor, Tensor]:
-    """``(student_ids, teacher_ids)``: each teacher token paired with the student token its text
-    starts with, the longest such (Qwen's ``Ġreturning`` with SmolLM2's ``Ġreturn`` where SmolLM2
-    has no ``Ġreturning``; a token both spell alike with itself), in increasing teacher id.
-
-    The student would start that text with the paired token, so the teacher's probability of
-    the whole token is a probability of it. Control tokens pair only with a control token of
-    the same text; tokens without readable bytes (unused head rows, a partial character the
-    student cannot start) are left out.
-    """
-    student_bytes, teacher_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
-    if student_bytes is None or teacher_bytes is None:
-        raise ValueError("vocabulary_map reads token bytes: both tokenizers must be fast (Rust-backed)")
-    student_control, teacher_control = (_control_ids(t) for t in (student_tokenizer, teacher_tokenizer))
-    pieces: dict[bytes, int] = {}
-    controls: dict[bytes, int] = {}
-    for i in sorted(student_bytes):
-        (controls if i in student_control else pieces).setdefault(student_bytes[i], i)
-    pieces.pop(b"", None)
-    longest = max(map(len, pieces), default=0)
-    pairs = []
-    for i in sorted(teacher_bytes):
-        data = teacher_bytes[i]
-        if i in teacher_control:
-            partner = controls.get(data)
-        else:
-            partner = next(
-                (pieces[data[:k]] for k in range(min(len(data), longest), 0, -1) if data[:k] in pieces),
-                None,
-            )
-        if partner is not None:
-            pairs.append((partner, i))
-    ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
-    return ids[:, 0].contiguous(), ids[:, 1].contiguous()
-
-
-def _control_ids(tokenizer: Any) -> set[int]:
-    """Special tokens and added tokens marked special (chat markers): never plain text."""
-    added = getattr(tokenizer, "added_tokens_decoder", {})
-    return set(getattr(tokenizer, "all_special_ids", [])) | {i for i, t in added.items() if t.special}
 
 
 def special_token_differences(student_tokenizer: Any, teacher_tokenizer: Any) -> list[str]:

@@ -18,13 +18,13 @@ from axolotl.integrations.base import BasePlugin
 from torch import Tensor
 from transformers import TrainingArguments, set_seed
 
-from axolotl_dskd.core.loss import OWN_TARGETS, Projectors
+from axolotl_dskd.core.loss import Projectors
 from axolotl_dskd.core.models import causal_lm, lm_head_weight
 from axolotl_dskd.core.projector_init import logit_equivalent_projectors
 from axolotl_dskd.core.projector_io import load_projectors
 from axolotl_dskd.core.teacher import load_teacher_head
 from axolotl_dskd.core.teacher_cache import TeacherCache, read_manifest
-from axolotl_dskd.core.vocabulary import shared_vocabulary, special_token_differences, vocabulary_map
+from axolotl_dskd.core.vocabulary import shared_vocabulary, special_token_differences
 from axolotl_dskd.integration import chat_data
 from axolotl_dskd.integration.args import PREFIX, DSKDArgs, loss_config, training_args
 from axolotl_dskd.integration.collator import collator_class
@@ -136,12 +136,8 @@ class DSKDPlugin(BasePlugin):
             warn_special_token_differences(trainer.processing_class, t_tokenizer)
         dskd = cfg.dskd_method == "dskd"
         pinv = dskd and not cfg.dskd_projectors and cfg.dskd_projector_init == "pinv"
-        own_target = dskd and cross_tokenizer and cfg.dskd_student_space_target in OWN_TARGETS
+        own_target = dskd and cross_tokenizer and cfg.dskd_student_space_target == "shared_vocabulary"
         vocabulary = shared_vocabulary(trainer.processing_class, t_tokenizer) if pinv or own_target else None
-        if own_target and cfg.dskd_student_space_target == "mapped_vocabulary":
-            target_pairs = vocabulary_map(trainer.processing_class, t_tokenizer)
-        else:
-            target_pairs = vocabulary
         teacher = self._load_teacher(cfg, trainer.args.device, cross_tokenizer)
         projectors = None
         if dskd:
@@ -157,17 +153,15 @@ class DSKDPlugin(BasePlugin):
                 initialize_by_logit_equivalence(projectors, trainer.model, teacher, vocabulary)
         if own_target:
             LOG.info(
-                "DSKD: kd_student distils the teacher's own distribution %s at exact pairs%s",
-                f"over the {len(vocabulary[0])} tokens both vocabularies spell alike"
-                if target_pairs is vocabulary
-                else f"(each of its {len(target_pairs[1])} tokens counted for the student token its text starts with)",
+                "DSKD: kd_student distils the teacher's own distribution over the %d tokens both "
+                "vocabularies spell alike at exact pairs%s", len(vocabulary[0]),
                 "" if trainer.loss_config.reads_t2s else "; no term reads t2s: no t2s_ce, t2s not trained",
             )  # fmt: skip
         if dskd and not cfg.dskd_kd_teacher_weight:
             LOG.info(
                 "DSKD: the teacher's space is left out (dskd_kd_teacher_weight: 0): no kd_teacher, s2t unused"
             )
-        trainer.attach_teacher(teacher, projectors, shared_vocabulary=target_pairs if own_target else None)
+        trainer.attach_teacher(teacher, projectors, shared_vocabulary=vocabulary if own_target else None)
         self._trainer = trainer
 
     @staticmethod

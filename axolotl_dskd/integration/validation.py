@@ -120,8 +120,7 @@ def resolve_student_space_target(
     cfg: Any, student_tokenizer: Any, teacher_tokenizer: Any, unreadable: str | None
 ) -> float | None:
     """``dskd_student_space_target: shared_vocabulary`` distils over the tokens both vocabularies
-    spell alike: their bytes must be readable, and there must be some; ``mapped_vocabulary``
-    pairs every teacher token with a student token by their bytes. ``auto`` resolves to the first
+    spell alike: their bytes must be readable, and there must be some. ``auto`` resolves to it
     where it applies (a DSKD run across tokenizers with exact pairs) and is possible, and to
     ``projected`` otherwise. Returns the share of the student's vocabulary the shared tokens
     cover where the run distils over them across tokenizers, else None."""
@@ -132,16 +131,16 @@ def resolve_student_space_target(
         return None
     if unreadable:
         raise ValueError(
-            f"dskd_student_space_target: {target} pairs the tokens of the two vocabularies by their "
-            f"bytes, but the {unreadable} has no fast (Rust) backend to read them from. Use a fast "
-            "tokenizer, or set dskd_student_space_target: projected."
+            f"dskd_student_space_target: shared_vocabulary pairs the tokens both vocabularies spell "
+            f"alike by their bytes, but the {unreadable} has no fast (Rust) backend to read them "
+            "from. Use a fast tokenizer, or set dskd_student_space_target: projected."
         )
     if not applies:
         return None
     shared = len(shared_vocabulary(student_tokenizer, teacher_tokenizer)[0])
     if target == "auto":
         cfg.dskd_student_space_target = "shared_vocabulary" if shared else "projected"
-    elif shared == 0 and target == "shared_vocabulary":
+    elif shared == 0:
         raise ValueError(
             "dskd_student_space_target: shared_vocabulary, but the student's and the teacher's "
             "vocabularies spell no token alike, so there is nothing to distil over. Set "
