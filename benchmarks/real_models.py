@@ -136,6 +136,9 @@ CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
     "dskd_projected_w0": PROJECTED_W0,
     "dskd_projected_w0_plr1e4": {**PROJECTED_W0, "dskd_projector_lr": 1e-4},
     "dskd_projected_w0_plr1e4_t1": {**PROJECTED_W0, "dskd_projector_lr": 1e-4, "dskd_temperature": 1.0},
+    "dskd_agreement": {"dskd_kd_student_accuracy_mask": "everywhere"},
+    "dskd_r05": {"dskd_kd_rate": 0.5},
+    "dskd_r02": {"dskd_kd_rate": 0.2},
 }
 ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "smollm2": SAME_VOCABULARY_ARMS,
@@ -161,6 +164,9 @@ LABELS = {
     "dskd_projected_w0_plr1e4": "DSKD, the projected target (dskd_kd_teacher_weight: 0), projectors at 1e-4",
     "dskd_projected_w0_plr1e4_t1": "DSKD, the projected target (dskd_kd_teacher_weight: 0), projectors at 1e-4, "
     "dskd_temperature: 1",
+    "dskd_agreement": "DSKD, the plugin's defaults but dskd_kd_student_accuracy_mask: everywhere (DSKDv2)",
+    "dskd_r05": "DSKD, the plugin's defaults but dskd_kd_rate: 0.5 (the paper's)",
+    "dskd_r02": "DSKD, the plugin's defaults but dskd_kd_rate: 0.2",
 }
 
 
