@@ -123,7 +123,12 @@ SAME_VOCABULARY_ARMS: dict[str, dict[str, Any]] = {
     "dskd_plr1e3": {"dskd_projector_lr": 1e-3},
     "dskd_plr3e3": {"dskd_projector_lr": 3e-3},
     "dskd_plr1e4": {"dskd_projector_lr": 1e-4},
+    "dskd_plr2e4": {"dskd_projector_lr": 2e-4},
     "dskd_shared": {"dskd_student_space_target": "shared_vocabulary", "dskd_projector_lr": 1e-3},
+    "dskd_srkl_both": {
+        "dskd_divergence": "skew_reverse_kl",
+        "dskd_teacher_space_divergence": "skew_reverse_kl",
+    },
 }
 PROJECTED_W0 = {"dskd_student_space_target": "projected", "dskd_kd_teacher_weight": 0.0}
 """Across tokenizers, the projected teacher in place of the teacher's own distribution."""
@@ -139,6 +144,9 @@ CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
     "dskd_agreement": {"dskd_kd_student_accuracy_mask": "everywhere"},
     "dskd_r05": {"dskd_kd_rate": 0.5},
     "dskd_r02": {"dskd_kd_rate": 0.2},
+    "dskd_skl": {"dskd_divergence": "skew_forward_kl"},
+    "dskd_srkl": {"dskd_divergence": "skew_reverse_kl"},
+    "dskd_akl": {"dskd_divergence": "adaptive_kl"},
 }
 ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "smollm2": SAME_VOCABULARY_ARMS,
@@ -158,6 +166,7 @@ LABELS = {
     "dskd_plr1e3": "DSKD, the plugin's defaults but dskd_projector_lr: 1e-3 (the paper's)",
     "dskd_plr3e3": "DSKD, the plugin's defaults but dskd_projector_lr: 3e-3",
     "dskd_plr1e4": "DSKD, the plugin's defaults but dskd_projector_lr: 1e-4",
+    "dskd_plr2e4": "DSKD, the plugin's defaults but dskd_projector_lr: 2e-4",
     "dskd_shared": "DSKD, the plugin's defaults but dskd_student_space_target: shared_vocabulary (projectors at 1e-3)",
     "dskd_w1": "DSKD, the plugin's defaults but dskd_kd_teacher_weight: 1",
     "dskd_projected_w0": "DSKD, the plugin's defaults but the projected target (dskd_kd_teacher_weight: 0)",
@@ -167,6 +176,11 @@ LABELS = {
     "dskd_agreement": "DSKD, the plugin's defaults but dskd_kd_student_accuracy_mask: everywhere (DSKDv2)",
     "dskd_r05": "DSKD, the plugin's defaults but dskd_kd_rate: 0.5 (the paper's)",
     "dskd_r02": "DSKD, the plugin's defaults but dskd_kd_rate: 0.2",
+    "dskd_skl": "DSKD, the plugin's defaults but dskd_divergence: skew_forward_kl",
+    "dskd_srkl": "DSKD, the plugin's defaults but dskd_divergence: skew_reverse_kl",
+    "dskd_akl": "DSKD, the plugin's defaults but dskd_divergence: adaptive_kl",
+    "dskd_srkl_both": "DSKD, the plugin's defaults but dskd_divergence and dskd_teacher_space_divergence: "
+    "skew_reverse_kl",
 }
 
 
