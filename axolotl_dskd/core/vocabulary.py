@@ -104,6 +104,17 @@ def _pieces(tokenizer: Any) -> Iterator[tuple[int, bytes, bool]]:
             yield i, piece.replace(marker, " ").encode(), False
 
 
+def _added_texts(tokenizer: Any) -> dict[int, str]:
+    """Id -> the text each added token stands for: its content, where a sentencepiece-style
+    vocabulary's marker is a space, as its decoder spells it (Gemma's runs of spaces ``▁▁`` are
+    added tokens, not text with the marker in it)."""
+    scheme, marker = _text_scheme(tokenizer)
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    if scheme == "byte_level":
+        return {i: token.content for i, token in added.items()}
+    return {i: token.content.replace(marker, " ") for i, token in added.items()}
+
+
 PROBE_TEXT = "Hello, world! 123"
 
 
@@ -114,13 +125,12 @@ def encodes_text(tokenizer: Any) -> bool:
 
 
 def token_bytes(tokenizer: Any) -> dict[int, bytes] | None:
-    """Id -> the bytes the token stands for in a decoded text (added tokens: their content), or
+    """Id -> the bytes the token stands for in a decoded text (added tokens: their text), or
     ``None`` for a tokenizer without a Rust backend, whose vocabulary cannot be read this way."""
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         return None
     table = {i: data for i, data, _ in _pieces(tokenizer)}
-    for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        table[i] = token.content.encode()
+    table.update((i, text.encode()) for i, text in _added_texts(tokenizer).items())
     return table
 
 
@@ -129,7 +139,8 @@ def token_texts(tokenizer: Any) -> dict[str, int]:
 
     Left out: special tokens, sentencepiece byte-fallback pieces (``<0x41>``), byte-level tokens
     holding part of a character, and all but the lowest id of tokens that spell the same text.
-    Added tokens that are not special (Qwen's ``<think>``) stand for their content as written.
+    Added tokens that are not special (Qwen's ``<think>``, Gemma's ``▁▁``) stand for their text
+    (``<think>``, two spaces).
     """
     added = getattr(tokenizer, "added_tokens_decoder", {})
     excluded = set(getattr(tokenizer, "all_special_ids", [])) | {
@@ -143,9 +154,9 @@ def token_texts(tokenizer: Any) -> dict[str, int]:
             texts[i] = data.decode("utf-8")
         except UnicodeError:  # a partial character
             continue
-    for i, token in added.items():
+    for i, text in _added_texts(tokenizer).items():
         if i not in excluded:
-            texts[i] = token.content
+            texts[i] = text
     by_text: dict[str, int] = {}
     for i in sorted(texts):
         by_text.setdefault(texts[i], i)

@@ -38,8 +38,9 @@ LOG = logging.getLogger(__name__)
 TEACHER_COLUMNS = ("dskd_teacher_input_ids", "dskd_teacher_labels", "dskd_token_alignment")
 """Dataset columns: the teacher's ids and labels of a conversation, and each student token's
 teacher partner (-1: none); empty or null where the teacher reads the student's rendering."""
-FORMAT_VERSION = 1
-"""Of the columns; part of the dataset fingerprint."""
+FORMAT_VERSION = 2
+"""Of the columns; part of the dataset fingerprint. 2: added tokens of a sentencepiece-style
+teacher read with ``▁`` as a space (Gemma's runs of spaces), so such data is prepared anew."""
 KEY = "dskd_teacher_chat_template"
 
 

@@ -104,6 +104,36 @@ def test_partners_have_read_the_same_content(prepared, student, teacher):
     assert aligned / trained > 0.6, (aligned, trained)
 
 
+def test_runs_of_spaces_in_code_are_read_in_the_teachers_template(real_tokenizer):
+    """A Gemma 3 teacher (its runs of spaces are added tokens) reads an answer full of
+    indentation and double spaces in its own template, every partner at the same character of
+    the answer as its student token, rather than falling back to the student's rendering."""
+    from axolotl_dskd.core.teacher_chat import TeacherChatRenderer
+
+    student, teacher = real_tokenizer("llama3"), real_tokenizer("gemma3")
+    answer = "def add(a,  b):\n    if a:\n        return a  +  b\n    return b  # two  spaces"
+    conversation = [{"role": "user", "content": "Indent  it."}, {"role": "assistant", "content": answer}]
+    text = student.apply_chat_template(conversation, tokenize=False)
+    encoded = student(text, add_special_tokens=False, return_offsets_mapping=True)
+    s_ids, start = encoded["input_ids"], text.rindex(answer)
+    labels = [i if a >= start else IGNORE_INDEX for i, (a, _) in zip(s_ids, encoded["offset_mapping"])]
+
+    sample = TeacherChatRenderer(student, teacher, teacher.chat_template)(conversation, s_ids, labels)
+
+    t_ids = sample.input_ids
+    assert t_ids == teacher.apply_chat_template(conversation, tokenize=True, return_dict=False)
+    assert "▁▁▁▁▁▁▁▁" in teacher.convert_ids_to_tokens(t_ids)
+    s_spans = content_spans(student.decode(s_ids), conversation)
+    t_spans = content_spans(teacher.decode(t_ids), conversation)
+    partnered = [(i, j) for i, j in enumerate(sample.alignment) if j >= 0]
+    for i, j in partnered:
+        s_end, t_end = len(student.decode(s_ids[: i + 1])), len(teacher.decode(t_ids[: j + 1]))
+        [k] = [k for k, (a, b) in enumerate(s_spans) if a < s_end <= b]
+        assert s_end - s_spans[k][0] == t_end - t_spans[k][0]
+    answer_tokens = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert sum(sample.alignment[i] >= 0 for i in answer_tokens) > len(answer_tokens) / 2
+
+
 def test_rejected_role_falls_back_and_is_counted(real_tokenizer, tmp_path):
     """A teacher template that rejects a role (Mistral's, on a tool turn) leaves that sample to
     the student's rendering, re-tokenized; it is counted, the others keep the teacher's template,

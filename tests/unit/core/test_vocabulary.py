@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from axolotl_dskd.core.vocabulary import shared_vocabulary
+from axolotl_dskd.core.vocabulary import shared_vocabulary, token_bytes
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,24 @@ def test_real_llama2_and_qwen3_share_words_by_their_text(real_tokenizer):
     assert not set(pairs) & byte_pieces
     for i in list(pairs)[::997]:  # a sample checked against the tokenizers' own decoders
         assert _sp_text(llama2, i) == qwen3.decode([pairs[i]])
+
+
+def test_real_gemma3_runs_of_spaces_stand_for_spaces(real_tokenizer):
+    """Gemma 3 keeps runs of spaces (``▁▁`` ... ) as added tokens of its vocabulary: they stand for
+    spaces, in the bytes the teacher's tokens are measured by and in the vocabulary it shares
+    with a byte-level model (``▁▁`` pairs with Qwen's ``ĠĠ``)."""
+    gemma3, qwen3 = real_tokenizer("gemma3"), real_tokenizer("qwen3")
+    text = "def f(a,  b):\n        return a  +  b   # 12345"
+    ids = gemma3(text, add_special_tokens=False)["input_ids"]
+    assert {"▁▁", "▁▁▁▁▁▁▁▁"} <= set(gemma3.convert_ids_to_tokens(ids))
+    assert {t.content for t in gemma3.added_tokens_decoder.values()} >= {"▁▁", "▁▁▁▁▁▁▁▁"}
+    table = token_bytes(gemma3)
+    assert b"".join(table[i] for i in ids) == text.encode() == gemma3.decode(ids).encode()
+
+    student_ids, teacher_ids = shared_vocabulary(qwen3, gemma3)
+    pairs = dict(zip(student_ids.tolist(), teacher_ids.tolist()))
+    assert pairs[qwen3.convert_tokens_to_ids("ĠĠ")] == gemma3.convert_tokens_to_ids("▁▁")
+    assert pairs[qwen3.convert_tokens_to_ids("Ġthe")] == gemma3.convert_tokens_to_ids("▁the")
 
 
 def test_special_token_differences_name_the_marker_and_an_example(assets, caplog):
