@@ -10,9 +10,11 @@ tokenizer, so one cache serves both). Nothing is in-process but the scoring.
   (``NARROW_WIDTH``, :func:`prune_width`: its hidden space and LM head are not its teacher's);
   LoRA r 16 on every linear layer of the blocks, the tied embeddings frozen.
 - Pairs (``PAIRS``): SmolLM2-135M-Instruct, the model they were pruned from, teaches each student
-  (one vocabulary), and so does Qwen2.5-Coder-1.5B-Instruct (another tokenizer: 151,936 ids
-  against 49,152), which reads each conversation in its own chat template
-  (``dskd_teacher_chat_template: auto``). Teachers in float32.
+  (one vocabulary), and so do Qwen2.5-Coder-1.5B-Instruct (another tokenizer: 151,936 ids
+  against 49,152, a far stronger teacher), which reads each conversation in its own chat template
+  (``dskd_teacher_chat_template: auto``), and Gemma 3 270M base (262,144 sentencepiece-style ids;
+  as strong as SmolLM2 on these answers), which reads them in Gemma 3's (``GEMMA_KEYS``).
+  Teachers in float32.
 - Data: questions about Python's standard library answered by its docstrings
   (:mod:`dskd_devkit.stdlib_qa`), a ``chat_template`` dataset in SmolLM2's template, answers and
   ``<|im_end|>`` trained, rows cut at 144 tokens (``excess_length_strategy: truncate``); a held-out
@@ -31,10 +33,10 @@ Each run and each cache build appends one JSON line to ``benchmarks/results/real
 (a run already there is skipped); ``real_models.md`` beside it is rewritten from them. Runs go
 ``--jobs`` at a time, one CPU thread each; a run waits for its teacher's cache. Measured on two
 cores, two or three processes side by side: the students and data in seconds, SmolLM2's cache
-3 minutes, Qwen's 43; an SFT or same-vocabulary run 7 to 10 minutes (the narrow student's 5 to
-8), a cross-tokenizer run with the plugin's defaults 6 to 10, ULD and the paper's settings across
-tokenizers (they read Qwen's 151,936-row head) 20 and 23, the teacher-space term across tokenizers
-18; ROUGE-L 2 minutes a run.
+3 minutes, Gemma's 4, Qwen's 43; an SFT or same-vocabulary run 7 to 10 minutes (the narrow
+student's 5 to 8), a cross-tokenizer run with the plugin's defaults 6 to 12, ULD and the paper's
+settings across tokenizers (they read Qwen's 151,936-row head) 20 and 23, the teacher-space term
+across tokenizers 18; ROUGE-L 2 minutes a run.
 
     .venv/bin/python benchmarks/real_models.py --seeds 0 --rouge-seeds 10    # every arm (README's table)
     .venv/bin/python benchmarks/real_models.py --arms sft vanilla_kd uld dskd_default --seeds 1 2 3 4
@@ -42,6 +44,7 @@ tokenizers (they read Qwen's 151,936-row head) 20 and 23, the teacher-space term
         --arms sft vanilla_kd dskd_default --seeds 0 1 2 3 4
     .venv/bin/python benchmarks/real_models.py --pairs smollm2 smollm2_narrow --arms dskd_plr1e3 \
         --seeds 0 1 2 3 4
+    .venv/bin/python benchmarks/real_models.py --pairs gemma gemma_narrow --arms dskd_default --seeds 0 1 2 3 4
     .venv/bin/python benchmarks/real_models.py --table-only
 """
 
@@ -73,6 +76,7 @@ from dskd_devkit.chat_pairs import write_conversations
 from dskd_devkit.real_models import (
     CACHE,
     NARROW_WIDTH,
+    gemma_dir,
     narrow_smollm2_dir,
     pruned_smollm2_dir,
     qwen_dir,
@@ -92,18 +96,37 @@ class Pair:
     teacher: Callable[[], Path]
     student: str
     """A key of :data:`STUDENTS`."""
+    keys: dict[str, Any] = field(default_factory=dict)
+    """``dskd_*`` keys every distilled run of the pair sets (and its cache build)."""
+
+    @property
+    def teacher_name(self) -> str:
+        return self.label.split(" (")[0]
 
 
+GEMMA_LABEL = "Gemma 3 270M base (other tokenizer)"
+GEMMA_KEYS = {"dskd_teacher_chat_template": "gemma3"}
+"""Gemma 3 270M is a base model without a chat template: it reads each conversation in Gemma 3's
+instruction template (Axolotl's ``gemma3``), where its held-out answer NLL is 0.816 nats per byte
+(SmolLM2-135M-Instruct in its own: 0.828); in the student's rendering (``auto`` without a
+template) 0.835."""
 STUDENTS = {"pruned": pruned_smollm2_dir, "narrow": narrow_smollm2_dir}
 STUDENT_LABELS = {"pruned": "layer-pruned", "narrow": f"narrow (hidden {NARROW_WIDTH})"}
 PAIRS = {
     "smollm2": Pair("SmolLM2-135M-Instruct (same vocabulary)", smollm2_dir, "pruned"),
     "qwen": Pair("Qwen2.5-Coder-1.5B-Instruct (other tokenizer)", qwen_dir, "pruned"),
+    "gemma": Pair(GEMMA_LABEL, gemma_dir, "pruned", GEMMA_KEYS),
     "smollm2_narrow": Pair("SmolLM2-135M-Instruct (same vocabulary)", smollm2_dir, "narrow"),
     "qwen_narrow": Pair("Qwen2.5-Coder-1.5B-Instruct (other tokenizer)", qwen_dir, "narrow"),
+    "gemma_narrow": Pair(GEMMA_LABEL, gemma_dir, "narrow", GEMMA_KEYS),
 }
-RECOVERY = {"pruned": ("smollm2", "qwen"), "narrow": ("smollm2_narrow", "qwen_narrow")}
-"""Per student, its same-vocabulary and its cross-tokenizer pair."""
+RECOVERY = [
+    ("smollm2", "qwen"),
+    ("smollm2", "gemma"),
+    ("smollm2_narrow", "qwen_narrow"),
+    ("smollm2_narrow", "gemma_narrow"),
+]
+"""Same-vocabulary and cross-tokenizer pairs of one student: what the second recovers of the first's gain."""
 SEQUENCE_LEN = 144
 STEPS = 80
 PAPER = {
@@ -151,8 +174,10 @@ CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
 ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "smollm2": SAME_VOCABULARY_ARMS,
     "qwen": CROSS_TOKENIZER_ARMS,
+    "gemma": CROSS_TOKENIZER_ARMS,
     "smollm2_narrow": SAME_VOCABULARY_ARMS,
     "qwen_narrow": CROSS_TOKENIZER_ARMS,
+    "gemma_narrow": CROSS_TOKENIZER_ARMS,
 }
 """Per pair, each arm's ``dskd_*`` keys over the plugin's defaults (``sft``: none, no teacher).
 SFT does not depend on the teacher: it runs once per student, under its first pair
@@ -265,6 +290,7 @@ def config(assets: Assets, pair: str, arm: str, seed: int) -> dict[str, Any]:
         "dataset_prepared_path": str(out / "prepared"),
         "dskd_teacher": str(PAIRS[pair].teacher()),
         "dskd_teacher_cache": str(cache_dir(pair)),
+        **PAIRS[pair].keys,
         **ARMS[pair][arm],
     }
     return without_distillation(cfg) if arm == "sft" else cfg
@@ -408,14 +434,15 @@ def write_table() -> Path:
                 f"{LABELS[baseline].split(' (')[0]} per seed ({', '.join(map(str, against))}): "
                 f"{' / '.join(f'{d:+.4f}' for d in against.values())} nats/byte."
             )
-    for student, (same_pair, cross_pair) in RECOVERY.items():
+    for same_pair, cross_pair in RECOVERY:
         both = sorted(set(gains.get(same_pair, {})) & set(gains.get(cross_pair, {})))
         if not both:
             continue
         same, cross = (statistics.mean(gains[p][s] for s in both) for p in (same_pair, cross_pair))
         notes.append(
-            f"With the {STUDENT_LABELS[student]} student, on seed{'s' * (len(both) > 1)} "
+            f"With the {STUDENT_LABELS[PAIRS[same_pair].student]} student, on seed{'s' * (len(both) > 1)} "
             f"{', '.join(map(str, both))} (mean of the changes against SFT) the cross-tokenizer default "
+            f"({PAIRS[cross_pair].teacher_name}) "
             f"changes held-out NLL by {cross:+.4f} nats/byte, the same-vocabulary default by {same:+.4f}"
             + (f": it recovers {max(cross / same, 0):.0%} of that gain." if same < 0 else ".")
         )

