@@ -76,6 +76,24 @@ def content_spans(text: str, conversation: list[dict[str, str]]) -> list[tuple[i
     return spans
 
 
+def assert_partners_read_the_same_content(
+    student_tokenizer: Any, teacher_tokenizer: Any, s_ids: list[int], t_ids: list[int],
+    alignment: list[int], conversation: list[dict[str, str]],
+) -> None:  # fmt: skip
+    """Each student token's partner ends at the same character of the same message content
+    (decoded prefixes, located independently)."""
+    s_spans = content_spans(student_tokenizer.decode(s_ids), conversation)
+    t_spans = content_spans(teacher_tokenizer.decode(t_ids), conversation)
+    for i, j in enumerate(alignment):
+        if j < 0:
+            continue
+        s_end = len(student_tokenizer.decode(s_ids[: i + 1]))
+        t_end = len(teacher_tokenizer.decode(t_ids[: j + 1]))
+        [k] = [k for k, (a, b) in enumerate(s_spans) if a < s_end <= b]
+        assert t_spans[k][0] < t_end <= t_spans[k][1]
+        assert s_end - s_spans[k][0] == t_end - t_spans[k][0]
+
+
 @pytest.mark.parametrize(("student", "teacher"), PAIRS)
 def test_partners_have_read_the_same_content(prepared, student, teacher):
     """Each student token's partner ends at the same character of the same message content
@@ -83,18 +101,11 @@ def test_partners_have_read_the_same_content(prepared, student, teacher):
     p = prepared[student, teacher]
     trained = aligned = 0
     for row in p.dataset:
-        conversation = p.conversation(row)
-        s_ids, t_ids = row["input_ids"], row["dskd_teacher_input_ids"]
-        s_spans = content_spans(p.student_tokenizer.decode(s_ids), conversation)
-        t_spans = content_spans(p.teacher_tokenizer.decode(t_ids), conversation)
-        for i, j in enumerate(row["dskd_token_alignment"]):
-            if j < 0:
-                continue
-            s_end = len(p.student_tokenizer.decode(s_ids[: i + 1]))
-            t_end = len(p.teacher_tokenizer.decode(t_ids[: j + 1]))
-            [k] = [k for k, (a, b) in enumerate(s_spans) if a < s_end <= b]
-            assert t_spans[k][0] < t_end <= t_spans[k][1]
-            assert s_end - s_spans[k][0] == t_end - t_spans[k][0]
+        s_ids = row["input_ids"]
+        assert_partners_read_the_same_content(
+            p.student_tokenizer, p.teacher_tokenizer, s_ids, row["dskd_teacher_input_ids"],
+            row["dskd_token_alignment"], p.conversation(row),
+        )  # fmt: skip
         for i in range(len(s_ids) - 1):
             if row["labels"][i + 1] != IGNORE_INDEX and s_ids[
                 i + 1
@@ -123,13 +134,7 @@ def test_runs_of_spaces_in_code_are_read_in_the_teachers_template(real_tokenizer
     t_ids = sample.input_ids
     assert t_ids == teacher.apply_chat_template(conversation, tokenize=True, return_dict=False)
     assert "▁▁▁▁▁▁▁▁" in teacher.convert_ids_to_tokens(t_ids)
-    s_spans = content_spans(student.decode(s_ids), conversation)
-    t_spans = content_spans(teacher.decode(t_ids), conversation)
-    partnered = [(i, j) for i, j in enumerate(sample.alignment) if j >= 0]
-    for i, j in partnered:
-        s_end, t_end = len(student.decode(s_ids[: i + 1])), len(teacher.decode(t_ids[: j + 1]))
-        [k] = [k for k, (a, b) in enumerate(s_spans) if a < s_end <= b]
-        assert s_end - s_spans[k][0] == t_end - t_spans[k][0]
+    assert_partners_read_the_same_content(student, teacher, s_ids, t_ids, sample.alignment, conversation)
     answer_tokens = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     assert sum(sample.alignment[i] >= 0 for i in answer_tokens) > len(answer_tokens) / 2
 
