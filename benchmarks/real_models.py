@@ -170,8 +170,6 @@ CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
     "dskd_skl": {"dskd_divergence": "skew_forward_kl"},
     "dskd_srkl": {"dskd_divergence": "skew_reverse_kl"},
     "dskd_akl": {"dskd_divergence": "adaptive_kl"},
-    "dskd_chunk": {"dskd_chunk_likelihood_weight": 1.0},
-    "dskd_same_next": {"dskd_exact_pairs": "same_next_token"},
 }
 ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "smollm2": SAME_VOCABULARY_ARMS,
@@ -206,8 +204,6 @@ LABELS = {
     "dskd_skl": "DSKD, the plugin's defaults but dskd_divergence: skew_forward_kl",
     "dskd_srkl": "DSKD, the plugin's defaults but dskd_divergence: skew_reverse_kl",
     "dskd_akl": "DSKD, the plugin's defaults but dskd_divergence: adaptive_kl",
-    "dskd_chunk": "DSKD, the plugin's defaults plus the span likelihood term (dskd_chunk_likelihood_weight: 1)",
-    "dskd_same_next": "DSKD, the plugin's defaults but dskd_exact_pairs: same_next_token",
     "dskd_srkl_both": "DSKD, the plugin's defaults but dskd_divergence and dskd_teacher_space_divergence: "
     "skew_reverse_kl",
 }

@@ -24,7 +24,6 @@ Conventions fixed here where the spec leaves room:
 from __future__ import annotations
 
 import math
-from itertools import pairwise
 from types import SimpleNamespace
 from typing import Any
 
@@ -295,9 +294,6 @@ def reference_dskd_loss(
             if token_alignment is None:
                 raise ValueError(f"token_alignment={mode!r} needs the token_alignment tensor")
             exact = m_s & (partner >= 0)
-            if getattr(cfg, "exact_pairs", "all") == "same_next_token":
-                # only where the next tokens of both sides spell the same text
-                exact = exact & (token_alignment[:, 1:] == partner + 1)
             H_t = teacher_hidden.detach().to(F64)
             for b, i in exact.nonzero().tolist():
                 j = int(partner[b, i])
@@ -365,55 +361,18 @@ def reference_dskd_loss(
         cols = m_t & col_ok & ~partnered
         kd_tea = kd_tea + div(cfg.teacher_space_divergence, z_s2t[cols], z_t[cols]).sum() / N
 
-    v = float(getattr(cfg, "chunk_likelihood_weight", 0.0))
-    kd_chunk = torch.zeros((), dtype=F64)
-    if v > 0:
-        if not cfg.cross_tokenizer or token_alignment is None:
-            raise ValueError("the span likelihood term needs two tokenizations and token_alignment")
-        kd_chunk = _span_likelihood_term(z_s, y_s, m_s, z_t, *_shift(teacher_labels), token_alignment) / N
-
     r, w = float(cfg.kd_rate), float(cfg.kd_teacher_weight)
-    loss = (1.0 - r) * ce + r * (kd_stu + t2s_ce + w * kd_tea + v * kd_chunk)
+    loss = (1.0 - r) * ce + r * (kd_stu + t2s_ce + w * kd_tea)
     t2s_acc = correct.sum().to(F64) / n_trained.to(F64).clamp_min(1.0)
     metrics = {
         "ce": ce,
         "kd_student": kd_stu,
         "kd_teacher": kd_tea if w > 0 else torch.zeros((), dtype=F64),  # not computed at w = 0
         "t2s_ce": t2s_ce,
-        "kd_chunk": kd_chunk,
         "t2s_acc": t2s_acc,
         "aligned_frac": aligned_frac,
     }
     return loss, metrics
-
-
-SPAN_EPSILON = 1e-6
-
-
-def _span_likelihood_term(
-    z_s: Tensor, y_s: Tensor, m_s: Tensor, z_t: Tensor, y_t: Tensor, m_t: Tensor, token_alignment: Tensor
-) -> Tensor:
-    """Sum over the spans between consecutive exact partners of a row, each closed by the next
-    partner and trained throughout on both sides, of (student tokens in the span) times
-    ``a - b + a log(b / a)``: ``a`` the teacher's, ``b`` the student's log-likelihood of the span's
-    tokens, each ``min(., 0) - 1e-6``. Student log-likelihoods keep their gradient."""
-    total = torch.zeros((), dtype=F64)
-    log_q = torch.log_softmax(z_s, -1).gather(-1, y_s.clamp_min(0)[..., None])[..., 0]
-    log_p = torch.log_softmax(z_t, -1).gather(-1, y_t.clamp_min(0)[..., None])[..., 0]
-    partner = token_alignment[:, :-1]
-    for b in range(m_s.shape[0]):
-        starts = [
-            (i, int(partner[b, i]))
-            for i in range(m_s.shape[1])
-            if m_s[b, i] and 0 <= partner[b, i] < m_t.shape[1]
-        ]
-        for (i0, j0), (i1, j1) in pairwise(starts):
-            if not (m_s[b, i0:i1].all() and m_t[b, j0:j1].all()):
-                continue
-            a = log_p[b, j0:j1].sum().clamp_max(0.0) - SPAN_EPSILON
-            q = log_q[b, i0:i1].sum().clamp_max(0.0) - SPAN_EPSILON
-            total = total + (i1 - i0) * (a - q + a * torch.log(q / a))
-    return total
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,15 +25,13 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 24
 """Default logit block per chunk: 16M entries (64 MiB in float32) for the largest vocabulary."""
 MASKED_SCORE = -1e5
-METRIC_NAMES = ("ce", "kd_student", "kd_teacher", "t2s_ce", "kd_chunk", "t2s_acc", "aligned_frac")
+METRIC_NAMES = ("ce", "kd_student", "kd_teacher", "t2s_ce", "t2s_acc", "aligned_frac")
 RATIO_METRICS = ("t2s_acc", "aligned_frac")
 """Metrics that are shares of this micro-batch's trained tokens, not sums over ``N``."""
 TOKEN_ALIGNMENTS = ("cma", "exact", "exact+cma")
 TokenAlignment = Literal["cma", "exact", "exact+cma"]
 ACCURACY_MASKS = ("attention", "everywhere")
 AccuracyMask = Literal["attention", "everywhere"]
-EXACT_PAIRS = ("all", "same_next_token")
-ExactPairs = Literal["all", "same_next_token"]
 STUDENT_SPACE_TARGETS = ("projected", "shared_vocabulary")
 StudentSpaceTarget = Literal["projected", "shared_vocabulary"]
 
@@ -81,15 +79,6 @@ class DSKDLossConfig:
         ge=0.0,
         allow_inf_nan=False,
     )
-    chunk_likelihood_weight: float = _setting(
-        0.0,
-        "v in r (kd_student + t2s_ce + w kd_teacher + v kd_chunk): across tokenizers, the weight of "
-        "a likelihood term on the spans between exact partners, where both models spell the same "
-        "text (ALM, Minixhofer et al. 2025): the student's log-likelihood of each span matched to "
-        "the teacher's. 0 leaves it out.",
-        ge=0.0,
-        allow_inf_nan=False,
-    )
     divergence: Divergence = _setting("forward_kl", "Divergence in the student's space (kd_student).")
     teacher_space_divergence: Divergence = _setting(
         "forward_kl", "Divergence in the teacher's space (kd_teacher)."
@@ -101,11 +90,6 @@ class DSKDLossConfig:
         "exact",
         "Cross-tokenizer pairing of student and teacher positions: cma (cross-model attention), "
         "exact (positions where both have read the same text, the rest CE only), exact+cma.",
-    )
-    exact_pairs: ExactPairs = _setting(
-        "all",
-        "Which exact partners are distilled: all, or same_next_token, only those whose next student "
-        "token and next teacher token spell the same text (the rest CE only).",
     )
     kd_student_accuracy_mask: AccuracyMask = _setting(
         "attention",
@@ -132,7 +116,6 @@ class DSKDLossConfig:
             ("teacher_space_divergence", DIVERGENCES),
             ("token_alignment", TOKEN_ALIGNMENTS),
             ("kd_student_accuracy_mask", ACCURACY_MASKS),
-            ("exact_pairs", EXACT_PAIRS),
             ("student_space_target", STUDENT_SPACE_TARGETS),
         ):
             if getattr(self, name) not in choices:
@@ -212,7 +195,6 @@ def _student_space_chunk(
     t2s_targets: Tensor,
     t2s_valid: Tensor,
     by_attention: Tensor,
-    chunk_slopes: Tensor,
     teacher_rows: Tensor,
     own_rows: Tensor,
     lm_head: Tensor,
@@ -231,8 +213,7 @@ def _student_space_chunk(
     paired state ``teacher_rows`` through ``teacher_head`` (the shared tokens' rows), against the
     student's logits of the same tokens (``student_ids``); the mask then asks the teacher's top-1.
     Where no term reads it (``not config.reads_t2s``) ``t2s_hidden`` is empty and the projected
-    teacher is not computed: t2s_ce and t2s_correct are 0. ``chunk_slopes`` carries kd_chunk's
-    gradient: each token's log-likelihood times its slope (:func:`_chunk_likelihood`).
+    teacher is not computed: t2s_ce and t2s_correct are 0.
     Stats: ``[ce, t2s_ce, kd_student, t2s_correct]`` sums.
     """
     divergence = get_divergence(config.divergence, config.skew_lambda, config.akl_alpha)
@@ -255,9 +236,8 @@ def _student_space_chunk(
     everywhere = config.kd_student_accuracy_mask == "everywhere"
     kd_mask = agrees if everywhere else torch.where(by_attention, agrees, t2s_valid)
     kd = torch.where(kd_mask, kd, 0.0)
-    chunk = (chunk_slopes * -ce).sum()
     ce, t2s_ce, kd = ce.sum(), t2s_ce.sum(), kd.sum()
-    loss = (1.0 - config.kd_rate) * ce + config.kd_rate * (t2s_ce + kd + chunk)
+    loss = (1.0 - config.kd_rate) * ce + config.kd_rate * (t2s_ce + kd)
     stats = torch.stack([ce, t2s_ce, kd, correct.sum().float()]).detach()
     return loss, stats
 
@@ -436,8 +416,6 @@ def _cross_tokenizer_pairs(
         raise ValueError(f"token_alignment={config.token_alignment!r} needs the token_alignment tensor")
 
     exact = aligned if config.uses_exact_pairs else torch.zeros_like(aligned)
-    if config.exact_pairs == "same_next_token" and token_alignment is not None:
-        exact = exact & (token_alignment[:, 1:] == token_alignment[:, :-1] + 1)
     exact_rows = exact[m_s]
     t2s, t2s_valid, paired_rows = None, exact_rows, h_s.new_zeros(exact_rows.shape[0], 0)
     s2t, teacher, teacher_valid = [], [], []  # exact pairs first, then attention's columns
@@ -575,30 +553,12 @@ def dskd_loss(
         pairs = _same_vocabulary_pairs(proj, config, h_s, teacher_hidden[:, :-1], m_s)
 
     own = _own_target(config, pairs, student_lm_head, teacher_lm_head, shared_vocabulary)
-    slopes, kd_chunk, offset = torch.zeros_like(y_s[m_s], dtype=torch.float32), h_s.new_zeros(()), 0.0
-    if config.chunk_likelihood_weight > 0:
-        if not config.cross_tokenizer or token_alignment is None or teacher_labels is None:
-            raise ValueError(
-                "chunk_likelihood_weight > 0 needs two tokenizations: token_alignment and teacher_labels"
-            )
-        slopes, kd_chunk, offset = _chunk_likelihood(
-            config,
-            h_s[m_s],
-            y_s[m_s],
-            student_lm_head,
-            teacher_hidden,
-            teacher_labels,
-            teacher_lm_head,
-            token_alignment,
-            m_s,
-        )
     student_side, stats_s = chunked_token_sum(
         _maybe_compile(partial(_student_space_chunk, config=config), config),
-        (h_s[m_s], pairs.t2s, y_s[m_s], y_t2s[m_s], pairs.t2s_valid, pairs.by_attention, slopes, *own[:2]),
+        (h_s[m_s], pairs.t2s, y_s[m_s], y_t2s[m_s], pairs.t2s_valid, pairs.by_attention, *own[:2]),
         (student_lm_head, *own[2:]),
         config.tokens_per_chunk(student_lm_head.shape[0]),
     )
-    student_side = student_side + config.kd_rate * (config.chunk_likelihood_weight * kd_chunk - offset)
     teacher_side, stats_t = student_side.new_zeros(()), student_side.new_zeros(1)
     if config.kd_teacher_weight > 0:
         teacher_side, stats_t = chunked_token_sum(
@@ -613,106 +573,10 @@ def dskd_loss(
         "kd_student": kd_student / denom,
         "kd_teacher": stats_t[0] / denom,
         "t2s_ce": t2s_ce / denom,
-        "kd_chunk": kd_chunk / denom,
         "t2s_acc": correct / n_trained.clamp_min(1).float(),
         "aligned_frac": pairs.aligned_frac.detach().float(),
     }
     return DSKDLossOutput(loss=(student_side + teacher_side) / denom, metrics=metrics)
-
-
-CHUNK_EPSILON = 1e-6
-"""Keeps a span's log-likelihood below 0 in :func:`likelihood_divergence` (ALM's epsilon)."""
-
-
-def likelihood_divergence(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
-    """ALM's binarised KL between a teacher's and a student's log-likelihoods of one span, in its
-    high-temperature limit: ``a - b + a log(b / a)`` for ``a = log_p``, ``b = log_q`` (both below
-    0), which is ``|a| (x - 1 - log x)`` for ``x = b / a``: 0 where the two agree, larger the further
-    their ratio is from 1. Returns the value and its slope ``d / d log_q = a / b - 1``."""
-    a, b = log_p.clamp_max(0.0) - CHUNK_EPSILON, log_q.clamp_max(0.0) - CHUNK_EPSILON
-    return a - b + a * torch.log(b / a), a / b - 1.0
-
-
-def _gold_log_likelihoods(hidden: Tensor, lm_head: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    """``log softmax(h W^T)[target]`` of each row, without gradient, a chunk of rows at a time."""
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    with torch.no_grad():
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            z = _logits(hidden[rows].detach(), lm_head.detach())
-            out[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - z.logsumexp(-1)
-    return out
-
-
-def exact_spans(token_alignment: Tensor, m_s: Tensor, m_t: Tensor) -> tuple[Tensor, Tensor]:
-    """The spans between consecutive exact partners, where both models spell the same text.
-
-    A trained student position with an exact partner starts a span on both sides; the span runs
-    to the next one. Kept where it is closed by a next partner and every position of it is trained
-    on both sides (a packed row's prompts break spans). Returns, per position ``0..L-2`` of each
-    side (``[B, L_s - 1]`` and ``[B, L_t - 1]``), the index of its span, ``-1`` outside any.
-    """
-    partner = token_alignment[:, : m_s.shape[1]]
-    starts_s = m_s & (partner >= 0) & (partner < m_t.shape[1])
-    rows = torch.arange(m_s.shape[0], device=m_s.device)[:, None].expand_as(starts_s)
-    starts_t = torch.zeros_like(m_t)
-    starts_t[rows[starts_s], partner[starts_s]] = True
-    spans = starts_s.sum(1, keepdim=True)
-    stride = m_s.shape[1]  # at most one span per student position of a row
-
-    def span_ids(starts: Tensor, trained: Tensor) -> tuple[Tensor, Tensor]:
-        k = starts.long().cumsum(1) - 1
-        inside = (k >= 0) & (k < spans - 1)
-        ids = torch.where(inside, k + stride * torch.arange(k.shape[0], device=k.device)[:, None], -1)
-        broken = torch.zeros(k.shape[0] * stride + 1, dtype=torch.bool, device=k.device)
-        broken[ids[inside & ~trained]] = True
-        return ids, broken
-
-    ids_s, broken_s = span_ids(starts_s, m_s)
-    ids_t, broken_t = span_ids(starts_t, m_t)
-    broken = broken_s | broken_t
-    return tuple(torch.where((ids >= 0) & ~broken[ids.clamp_min(0)], ids, -1) for ids in (ids_s, ids_t))
-
-
-def _chunk_likelihood(
-    config: DSKDLossConfig,
-    student_rows: Tensor,
-    student_targets: Tensor,
-    student_lm_head: Tensor,
-    teacher_hidden: Tensor,
-    teacher_labels: Tensor,
-    teacher_lm_head: Tensor,
-    token_alignment: Tensor,
-    m_s: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """kd_chunk: over the spans of :func:`exact_spans`, :func:`likelihood_divergence` of the
-    teacher's and the student's log-likelihoods of the span's text, each span counted once per
-    student token in it (so that it sums over trained tokens as the other terms do).
-
-    The span's log-likelihood is a sum over its tokens, so the term's gradient is each token's
-    log-likelihood times the slope of its span. Returns per trained student token that slope
-    (times ``chunk_likelihood_weight``; the student side adds ``slope * log q`` to its loss), the
-    term's sum, and what the slopes add to the loss's value (taken off again by the caller).
-    """
-    h_t, y_t, m_t = _shift(teacher_hidden, teacher_labels)
-    ids_s, ids_t = (ids[m] for ids, m in zip(exact_spans(token_alignment, m_s, m_t), (m_s, m_t)))
-    log_q = _gold_log_likelihoods(
-        student_rows, student_lm_head, student_targets, config.tokens_per_chunk(student_lm_head.shape[0])
-    )
-    in_t = ids_t >= 0
-    log_p = _gold_log_likelihoods(
-        h_t[m_t][in_t], teacher_lm_head, y_t[m_t][in_t], config.tokens_per_chunk(teacher_lm_head.shape[0])
-    )
-    in_s = ids_s >= 0
-    n_spans = m_s.shape[0] * m_s.shape[1] + 1
-    span_p = log_q.new_zeros(n_spans).index_add_(0, ids_t[in_t], log_p)
-    span_q = log_q.new_zeros(n_spans).index_add_(0, ids_s[in_s], log_q[in_s])
-    length = log_q.new_zeros(n_spans).index_add_(0, ids_s[in_s], torch.ones_like(log_q[in_s]))
-    value, slope = likelihood_divergence(span_p, span_q)
-    used = length > 0
-    total = (length * value)[used].sum()
-    slopes = torch.where(in_s, (config.chunk_likelihood_weight * length * slope)[ids_s.clamp_min(0)], 0.0)
-    return slopes, total, (slopes * log_q).sum()
 
 
 def _own_target(
@@ -825,7 +689,7 @@ def teacher_positions_read(
         raise ValueError("across tokenizers the teacher's positions need teacher_labels")
     read = (
         _next_trained(teacher_labels)
-        if config.uses_cma or config.chunk_likelihood_weight > 0
+        if config.uses_cma
         else torch.zeros_like(teacher_labels, dtype=torch.bool)
     )
     if config.uses_exact_pairs:

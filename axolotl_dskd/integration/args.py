@@ -20,13 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from axolotl_dskd.core.divergences import Divergence
-from axolotl_dskd.core.loss import (
-    AccuracyMask,
-    DSKDLossConfig,
-    ExactPairs,
-    StudentSpaceTarget,
-    TokenAlignment,
-)
+from axolotl_dskd.core.loss import AccuracyMask, DSKDLossConfig, StudentSpaceTarget, TokenAlignment
 from axolotl_dskd.integration.validation import check_teacher_setup
 
 PREFIX = "dskd_"
@@ -89,14 +83,12 @@ class DSKDArgs(BaseModel):
         "resolved to shared_vocabulary) over tokens that cover at least half of the student's "
         "vocabulary, 1 otherwise.",
     )
-    dskd_chunk_likelihood_weight: float = loss_key("chunk_likelihood_weight")
     dskd_temperature: float = loss_key("temperature")
     dskd_divergence: Divergence = loss_key("divergence")
     dskd_teacher_space_divergence: Divergence = loss_key("teacher_space_divergence")
     dskd_skew_lambda: float = loss_key("skew_lambda")
     dskd_akl_alpha: float = loss_key("akl_alpha")
     dskd_token_alignment: TokenAlignment = loss_key("token_alignment")
-    dskd_exact_pairs: ExactPairs = loss_key("exact_pairs")
     dskd_kd_student_accuracy_mask: AccuracyMask = loss_key("kd_student_accuracy_mask")
     dskd_student_space_target: StudentSpaceTarget | Literal["auto"] = Field(
         default="auto",

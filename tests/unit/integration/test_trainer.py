@@ -35,8 +35,6 @@ NOT_DEFAULT = {
     "token_alignment": "cma",
     "kd_student_accuracy_mask": "everywhere",
     "student_space_target": "shared_vocabulary",
-    "chunk_likelihood_weight": 0.5,
-    "exact_pairs": "same_next_token",
 }
 """A value other than the default for every loss setting with a YAML key."""
 
