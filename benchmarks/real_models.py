@@ -162,6 +162,7 @@ CROSS_TOKENIZER_ARMS: dict[str, dict[str, Any]] = {
     "dskd_default": {},
     "dskd_w1": {"dskd_kd_teacher_weight": 1.0},
     "dskd_projected_w0": PROJECTED_W0,
+    "dskd_projected_w1": {**PROJECTED_W0, "dskd_kd_teacher_weight": 1.0},
     "dskd_projected_w0_plr1e4": {**PROJECTED_W0, "dskd_projector_lr": 1e-4},
     "dskd_projected_w0_plr1e4_t1": {**PROJECTED_W0, "dskd_projector_lr": 1e-4, "dskd_temperature": 1.0},
     "dskd_agreement": {"dskd_kd_student_accuracy_mask": "everywhere"},
@@ -195,6 +196,8 @@ LABELS = {
     "dskd_shared": "DSKD, the plugin's defaults but dskd_student_space_target: shared_vocabulary (projectors at 1e-3)",
     "dskd_w1": "DSKD, the plugin's defaults but dskd_kd_teacher_weight: 1",
     "dskd_projected_w0": "DSKD, the plugin's defaults but the projected target (dskd_kd_teacher_weight: 0)",
+    "dskd_projected_w1": "DSKD, the plugin's defaults but the projected target and the teacher-space term "
+    "(dskd_kd_teacher_weight: 1): DSKD's two spaces at the exact pairs",
     "dskd_projected_w0_plr1e4": "DSKD, the projected target (dskd_kd_teacher_weight: 0), projectors at 1e-4",
     "dskd_projected_w0_plr1e4_t1": "DSKD, the projected target (dskd_kd_teacher_weight: 0), projectors at 1e-4, "
     "dskd_temperature: 1",
