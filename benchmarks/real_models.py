@@ -30,7 +30,8 @@ tokenizer, so one cache serves both). Nothing is in-process but the scoring.
   its log. A run whose checkpoint exists is scored again, not trained again.
 
 Each run and each cache build appends one JSON line to ``benchmarks/results/real_models.jsonl``
-(a run already there is skipped); ``real_models.md`` beside it is rewritten from them. Runs go
+(a run already there is skipped); ``real_models.md`` (every arm) and ``real_models_summary.md``
+(the headline arms, as seeds won) beside it are rewritten from them. Runs go
 ``--jobs`` at a time, one CPU thread each; a run waits for its teacher's cache. Measured on two
 cores, two or three processes side by side: the students and data in seconds, SmolLM2's cache
 3 minutes, Gemma's 4, Qwen's 43; an SFT or same-vocabulary run 7 to 10 minutes (the narrow
@@ -38,7 +39,7 @@ student's 5 to 8), a cross-tokenizer run with the plugin's defaults 6 to 12, ULD
 settings across tokenizers (they read Qwen's 151,936-row head) 20 and 23, the teacher-space term
 across tokenizers 18; ROUGE-L 2 minutes a run.
 
-    .venv/bin/python benchmarks/real_models.py --seeds 0 --rouge-seeds 10    # every arm (README's table)
+    .venv/bin/python benchmarks/real_models.py --seeds 0 --rouge-seeds 10    # every arm, seed 0
     .venv/bin/python benchmarks/real_models.py --arms sft vanilla_kd uld dskd_default --seeds 1 2 3 4
     .venv/bin/python benchmarks/real_models.py --pairs smollm2_narrow qwen_narrow \
         --arms sft vanilla_kd dskd_default --seeds 0 1 2 3 4
@@ -388,12 +389,8 @@ def _per_seed(by_seed: dict[int, dict[str, Any]], baseline: dict[int, dict[str, 
     return {s: by_seed[s]["nll_byte"] - baseline[s]["nll_byte"] for s in sorted(by_seed) if s in baseline}
 
 
-def write_table() -> Path:
-    """``real_models.md``: per pair and arm the held-out NLL per byte (mean, spread, per seed,
-    against SFT of the same student on the same seed), ROUGE-L and seconds per step (two runs
-    sharing two cores: a rough guide, not a speed benchmark); then, per same-vocabulary pair, the
-    default DSKD against vanilla KD per seed, and what the cross-tokenizer default recovers of the
-    same-vocabulary default's gain (one student); then the caches."""
+def _collect() -> tuple[dict[tuple[str, str], dict[int, dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """The recorded runs by (pair, arm) and seed, and the cache builds by pair."""
     runs: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     caches = {}
     for r in _results():
@@ -401,6 +398,40 @@ def write_table() -> Path:
             caches[r["pair"]] = r
         else:
             runs.setdefault((r["pair"], r["arm"]), {})[r["seed"]] = r
+    return runs, caches
+
+
+def _seed_count(seeds: list[int], sft: dict[int, dict[str, Any]]) -> str:
+    """How many seeds an arm ran on, and which where they are not SFT's."""
+    return (
+        str(len(seeds)) if seeds == (sorted(sft) or seeds) else f"{len(seeds)} ({', '.join(map(str, seeds))})"
+    )
+
+
+def _baseline(pair: str) -> str:
+    """What the default DSKD of ``pair`` must beat besides SFT: vanilla KD in one vocabulary, ULD across."""
+    return "vanilla_kd" if "vanilla_kd" in ARMS[pair] else "uld"
+
+
+def _recovery(
+    gains: dict[str, dict[int, float]], same_pair: str, cross_pair: str
+) -> tuple[list[int], float, float]:
+    """The seeds both defaults ran on, and the mean change against SFT of each there."""
+    both = sorted(set(gains.get(same_pair, {})) & set(gains.get(cross_pair, {})))
+    if not both:
+        return both, 0.0, 0.0
+    same, cross = (statistics.mean(gains[p][s] for s in both) for p in (same_pair, cross_pair))
+    return both, same, cross
+
+
+def write_tables() -> Path:
+    """``real_models.md``: per pair and arm the held-out NLL per byte (mean, spread, per seed,
+    against SFT of the same student on the same seed), ROUGE-L and seconds per step (two runs
+    sharing two cores: a rough guide, not a speed benchmark); then, per pair, the default DSKD
+    against vanilla KD or ULD per seed, and what the cross-tokenizer default recovers of the
+    same-vocabulary default's gain (one student); then the caches. ``real_models_summary.md``:
+    the headline arms only, as seeds won (the README's table). Returns the first."""
+    runs, caches = _collect()
     rows = [
         "| Teacher | Student | Arm | Seeds | NLL/byte | Spread | Per seed | vs SFT, per seed | ROUGE-L (runs) | s/step |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -417,19 +448,14 @@ def write_table() -> Path:
             delta = _per_seed(by_seed, sft) if arm != "sft" else {}
             rouge = [by_seed[s]["rouge_l"]["mean"] for s in seeds if "rouge_l" in by_seed[s]]
             step = statistics.mean(by_seed[s]["seconds_per_step"] for s in seeds)
-            count = (
-                str(len(seeds))
-                if seeds == (sorted(sft) or seeds)
-                else f"{len(seeds)} ({', '.join(map(str, seeds))})"
-            )
             rows.append(
                 f"| {spec.label if arm != 'sft' else 'none'} | {STUDENT_LABELS[spec.student]} | {LABELS[arm]} "
-                f"| {count} | {statistics.mean(nll):.4f} | {max(nll) - min(nll):.4f} "
+                f"| {_seed_count(seeds, sft)} | {statistics.mean(nll):.4f} | {max(nll) - min(nll):.4f} "
                 f"| {' / '.join(f'{x:.4f}' for x in nll)} | {' / '.join(f'{d:+.4f}' for d in delta.values())} "
                 f"| {f'{statistics.mean(rouge):.2f} ({len(rouge)})' if rouge else ''} | {step:.1f} |"
             )
         gains[pair] = _per_seed(runs.get((pair, "dskd_default"), {}), sft)
-        baseline = "vanilla_kd" if "vanilla_kd" in ARMS[pair] else "uld"
+        baseline = _baseline(pair)
         against = _per_seed(runs.get((pair, "dskd_default"), {}), runs.get((pair, baseline), {}))
         if against:
             notes.append(
@@ -438,10 +464,9 @@ def write_table() -> Path:
                 f"{' / '.join(f'{d:+.4f}' for d in against.values())} nats/byte."
             )
     for same_pair, cross_pair in RECOVERY:
-        both = sorted(set(gains.get(same_pair, {})) & set(gains.get(cross_pair, {})))
+        both, same, cross = _recovery(gains, same_pair, cross_pair)
         if not both:
             continue
-        same, cross = (statistics.mean(gains[p][s] for s in both) for p in (same_pair, cross_pair))
         notes.append(
             f"With the {STUDENT_LABELS[PAIRS[same_pair].student]} student, on seed{'s' * (len(both) > 1)} "
             f"{', '.join(map(str, both))} (mean of the changes against SFT) the cross-tokenizer default "
@@ -456,7 +481,47 @@ def write_table() -> Path:
     ]
     out = RESULTS.with_suffix(".md")
     out.write_text("\n".join(rows) + "\n" + "".join(f"\n{note}\n" for note in notes))
+    _write_summary(runs, gains)
     return out
+
+
+SUMMARY_ARMS = ("sft", "vanilla_kd", "uld", "dskd_paper", "dskd_default")
+
+
+def _write_summary(
+    runs: dict[tuple[str, str], dict[int, dict[str, Any]]], gains: dict[str, dict[int, float]]
+) -> None:
+    """``real_models_summary.md`` (the README's table): per pair the headline arms, each against
+    SFT of its student on the same seeds, the default also against vanilla KD or ULD, as seeds won,
+    and what the cross-tokenizer default recovers of the same student's one-vocabulary gain."""
+    recovery = {cross: same for same, cross in RECOVERY}
+    rows = [
+        "| Teacher | Student | Arm | Seeds | NLL/byte | vs SFT | Ahead of SFT | Ahead of vanilla KD or ULD | Recovers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pair, spec in PAIRS.items():
+        sft = runs.get((sft_pair(pair), "sft"), {})
+        for arm in SUMMARY_ARMS:
+            by_seed = runs.get((pair, arm), {})
+            if arm not in ARMS[pair] or not by_seed:
+                continue
+            nll = statistics.mean(r["nll_byte"] for r in by_seed.values())
+            delta = _per_seed(by_seed, sft) if arm != "sft" else {}
+            ahead = f"{sum(d < 0 for d in delta.values())} of {len(delta)}" if delta else ""
+            against, share = "", ""
+            if arm == "dskd_default":
+                baseline = _baseline(pair)
+                versus = _per_seed(by_seed, runs.get((pair, baseline), {}))
+                against = f"{sum(d < 0 for d in versus.values())} of {len(versus)} ({LABELS[baseline].split(' (')[0]})"
+                if pair in recovery:
+                    both, same, cross = _recovery(gains, recovery[pair], pair)
+                    share = f"{max(cross / same, 0):.0%}" if both and same < 0 else ""
+            rows.append(
+                f"| {spec.teacher_name if arm != 'sft' else 'none'} | {STUDENT_LABELS[spec.student]} "
+                f"| {LABELS[arm].split(' (')[0]} | {_seed_count(sorted(by_seed), sft)} | {nll:.4f} "
+                f"| {f'{statistics.mean(delta.values()):+.4f}' if delta else ''} | {ahead} | {against} | {share} |"
+            )
+    RESULTS.with_name("real_models_summary.md").write_text("\n".join(rows) + "\n")
 
 
 @dataclass
@@ -481,7 +546,7 @@ def main() -> None:
     parser.add_argument("--job", nargs=3, metavar=("PAIR", "ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.table_only:
-        print(write_table().read_text())
+        print(write_tables().read_text())
         return
     assets = prepare()
     if args.job:
@@ -526,7 +591,7 @@ def main() -> None:
         if not running and jobs:
             raise SystemExit(f"{len(jobs)} runs wait for a teacher cache that failed to build")
         time.sleep(5)
-    print(write_table().read_text())
+    print(write_tables().read_text())
 
 
 if __name__ == "__main__":
