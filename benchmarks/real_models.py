@@ -424,6 +424,11 @@ def _recovery(
     return both, same, cross
 
 
+def _share(same: float, cross: float) -> str:
+    """What share of the one-vocabulary gain ``same`` the cross-tokenizer change ``cross`` is."""
+    return f"{max(cross / same, 0):.0%}"
+
+
 def write_tables() -> Path:
     """``real_models.md``: per pair and arm the held-out NLL per byte (mean, spread, per seed,
     against SFT of the same student on the same seed), ROUGE-L and seconds per step (two runs
@@ -472,7 +477,7 @@ def write_tables() -> Path:
             f"{', '.join(map(str, both))} (mean of the changes against SFT) the cross-tokenizer default "
             f"({PAIRS[cross_pair].teacher_name}) "
             f"changes held-out NLL by {cross:+.4f} nats/byte, the same-vocabulary default by {same:+.4f}"
-            + (f": it recovers {max(cross / same, 0):.0%} of that gain." if same < 0 else ".")
+            + (f": it recovers {_share(same, cross)} of that gain." if same < 0 else ".")
         )
     notes += [
         f"{PAIRS[pair].label}: `axolotl dskd-cache-teacher` {cache['build_s'] / 60:.0f} min (one thread), "
@@ -515,7 +520,7 @@ def _write_summary(
                 against = f"{sum(d < 0 for d in versus.values())} of {len(versus)} ({LABELS[baseline].split(' (')[0]})"
                 if pair in recovery:
                     both, same, cross = _recovery(gains, recovery[pair], pair)
-                    share = f"{max(cross / same, 0):.0%}" if both and same < 0 else ""
+                    share = _share(same, cross) if both and same < 0 else ""
             rows.append(
                 f"| {spec.teacher_name if arm != 'sft' else 'none'} | {STUDENT_LABELS[spec.student]} "
                 f"| {LABELS[arm].split(' (')[0]} | {_seed_count(sorted(by_seed), sft)} | {nll:.4f} "
