@@ -408,25 +408,14 @@ def _seed_count(seeds: list[int], sft: dict[int, dict[str, Any]]) -> str:
     )
 
 
+def _short_label(arm: str) -> str:
+    """``arm``'s label without the keys in parentheses: ``vanilla KD`` for vanilla KD."""
+    return LABELS[arm].split(" (")[0]
+
+
 def _baseline(pair: str) -> str:
     """What the default DSKD of ``pair`` must beat besides SFT: vanilla KD in one vocabulary, ULD across."""
     return "vanilla_kd" if "vanilla_kd" in ARMS[pair] else "uld"
-
-
-def _recovery(
-    gains: dict[str, dict[int, float]], same_pair: str, cross_pair: str
-) -> tuple[list[int], float, float]:
-    """The seeds both defaults ran on, and the mean change against SFT of each there."""
-    both = sorted(set(gains.get(same_pair, {})) & set(gains.get(cross_pair, {})))
-    if not both:
-        return both, 0.0, 0.0
-    same, cross = (statistics.mean(gains[p][s] for s in both) for p in (same_pair, cross_pair))
-    return both, same, cross
-
-
-def _share(same: float, cross: float) -> str:
-    """What share of the one-vocabulary gain ``same`` the cross-tokenizer change ``cross`` is."""
-    return f"{max(cross / same, 0):.0%}"
 
 
 def write_tables() -> Path:
@@ -465,19 +454,23 @@ def write_tables() -> Path:
         if against:
             notes.append(
                 f"{spec.label}, {STUDENT_LABELS[spec.student]} student: the default DSKD against "
-                f"{LABELS[baseline].split(' (')[0]} per seed ({', '.join(map(str, against))}): "
+                f"{_short_label(baseline)} per seed ({', '.join(map(str, against))}): "
                 f"{' / '.join(f'{d:+.4f}' for d in against.values())} nats/byte."
             )
+    shares = {}
     for same_pair, cross_pair in RECOVERY:
-        both, same, cross = _recovery(gains, same_pair, cross_pair)
+        both = sorted(set(gains.get(same_pair, {})) & set(gains.get(cross_pair, {})))
         if not both:
             continue
+        same, cross = (statistics.mean(gains[p][s] for s in both) for p in (same_pair, cross_pair))
+        if same < 0:
+            shares[cross_pair] = f"{max(cross / same, 0):.0%}"
         notes.append(
             f"With the {STUDENT_LABELS[PAIRS[same_pair].student]} student, on seed{'s' * (len(both) > 1)} "
             f"{', '.join(map(str, both))} (mean of the changes against SFT) the cross-tokenizer default "
             f"({PAIRS[cross_pair].teacher_name}) "
             f"changes held-out NLL by {cross:+.4f} nats/byte, the same-vocabulary default by {same:+.4f}"
-            + (f": it recovers {_share(same, cross)} of that gain." if same < 0 else ".")
+            + (f": it recovers {shares[cross_pair]} of that gain." if cross_pair in shares else ".")
         )
     notes += [
         f"{PAIRS[pair].label}: `axolotl dskd-cache-teacher` {cache['build_s'] / 60:.0f} min (one thread), "
@@ -486,20 +479,18 @@ def write_tables() -> Path:
     ]
     out = RESULTS.with_suffix(".md")
     out.write_text("\n".join(rows) + "\n" + "".join(f"\n{note}\n" for note in notes))
-    _write_summary(runs, gains)
+    _write_summary(runs, shares)
     return out
 
 
 SUMMARY_ARMS = ("sft", "vanilla_kd", "uld", "dskd_paper", "dskd_default")
 
 
-def _write_summary(
-    runs: dict[tuple[str, str], dict[int, dict[str, Any]]], gains: dict[str, dict[int, float]]
-) -> None:
+def _write_summary(runs: dict[tuple[str, str], dict[int, dict[str, Any]]], shares: dict[str, str]) -> None:
     """``real_models_summary.md`` (the README's table): per pair the headline arms, each against
     SFT of its student on the same seeds, the default also against vanilla KD or ULD, as seeds won,
-    and what the cross-tokenizer default recovers of the same student's one-vocabulary gain."""
-    recovery = {cross: same for same, cross in RECOVERY}
+    and ``shares``: what the cross-tokenizer default recovers of the same student's one-vocabulary
+    gain, by pair."""
     rows = [
         "| Teacher | Student | Arm | Seeds | NLL/byte | vs SFT | Ahead of SFT | Ahead of vanilla KD or ULD | Recovers |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -513,18 +504,16 @@ def _write_summary(
             nll = statistics.mean(r["nll_byte"] for r in by_seed.values())
             delta = _per_seed(by_seed, sft) if arm != "sft" else {}
             ahead = f"{sum(d < 0 for d in delta.values())} of {len(delta)}" if delta else ""
-            against, share = "", ""
+            against = ""
             if arm == "dskd_default":
                 baseline = _baseline(pair)
                 versus = _per_seed(by_seed, runs.get((pair, baseline), {}))
-                against = f"{sum(d < 0 for d in versus.values())} of {len(versus)} ({LABELS[baseline].split(' (')[0]})"
-                if pair in recovery:
-                    both, same, cross = _recovery(gains, recovery[pair], pair)
-                    share = _share(same, cross) if both and same < 0 else ""
+                against = f"{sum(d < 0 for d in versus.values())} of {len(versus)} ({_short_label(baseline)})"
             rows.append(
                 f"| {spec.teacher_name if arm != 'sft' else 'none'} | {STUDENT_LABELS[spec.student]} "
-                f"| {LABELS[arm].split(' (')[0]} | {_seed_count(sorted(by_seed), sft)} | {nll:.4f} "
-                f"| {f'{statistics.mean(delta.values()):+.4f}' if delta else ''} | {ahead} | {against} | {share} |"
+                f"| {_short_label(arm)} | {_seed_count(sorted(by_seed), sft)} | {nll:.4f} "
+                f"| {f'{statistics.mean(delta.values()):+.4f}' if delta else ''} | {ahead} | {against} "
+                f"| {shares.get(pair, '') if arm == 'dskd_default' else ''} |"
             )
     RESULTS.with_name("real_models_summary.md").write_text("\n".join(rows) + "\n")
 
